@@ -1,0 +1,39 @@
+"""Shared helpers for the thin command-line entry points (train.py, make_data.py, merge.py, ...)."""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+from .errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def run_cli(main: Callable[[], int | None]) -> None:
+    """Run `main`; a UserError becomes one line on stderr and exit code 2, never a traceback."""
+    try:
+        code = main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)
+
+
+def atomic_path(path: str | os.PathLike) -> str:
+    """A temporary sibling of `path` to write to before `os.replace(tmp, path)`."""
+    path = os.fspath(path)
+    d, base = os.path.split(os.path.abspath(path))
+    return os.path.join(d, f".{base}.tmp{os.getpid()}")
+
+
+def check_writable_dir(path: str | os.PathLike, what: str = "output") -> None:
+    """Refuse early when the directory that will hold `path` cannot be written."""
+    d = os.path.dirname(os.path.abspath(os.fspath(path))) or "."
+    if not os.path.isdir(d):
+        raise UserError(f"the {what} folder {d} does not exist; create it or choose another path")
+    if not os.access(d, os.W_OK):
+        raise UserError(f"the {what} folder {d} is not writable; choose another path")
