@@ -1,11 +1,95 @@
-"""The WKV6 operator. `wkv6` validates its arguments and dispatches to the fastest path."""
+"""The WKV6 operator. `wkv6` validates its arguments and dispatches to the fastest path.
+
+    y_t = r_t (S_{t-1} + diag(u) k_t^T v_t),   S_t = diag(exp(-exp(w_t))) S_{t-1} + k_t^T v_t
+
+Paths: `wkv6_reference` (per-token loop, the source of truth), `wkv6_chunked` (chunked
+matmul form in PyTorch, exact for any decay; CPU and fallback), `wkv6_cuda` (the CUDA kernel, used
+for CUDA tensors of head size 64 in float32 / bfloat16 / float16 when the extension builds).
+All are differentiable in every input, the initial state included.
+"""
 from __future__ import annotations
 
+import torch
+from torch import Tensor
+
+from ..errors import UserError
+from .chunked import wkv6_chunked
+from .cuda import HEAD_SIZE, KERNEL_DTYPES, cuda_kernel_available, wkv6_cuda
 from .reference import wkv6_reference
 
-__all__ = ["wkv6", "wkv6_reference"]
+__all__ = ["wkv6", "wkv6_reference", "wkv6_chunked", "wkv6_cuda", "WKVShapeError", "WKVTypeError"]
 
 
-def wkv6(r, k, v, w, u, state=None):
-    # Placeholder dispatch until the fast paths land: the reference recurrence.
-    return wkv6_reference(r, k, v, w, u, state)
+class WKVShapeError(UserError, ValueError):
+    """An argument of wkv6 has the wrong shape or lives on the wrong device."""
+
+
+class WKVTypeError(UserError, TypeError):
+    """An argument of wkv6 is not a tensor or has an unusable dtype."""
+
+
+def _shape(x: Tensor) -> str:
+    return "(" + ", ".join(str(d) for d in x.shape) + ")"
+
+
+def _check(r, k, v, w, u, state) -> None:
+    named = {"r": r, "k": k, "v": v, "w": w, "u": u, "state": state}
+    for name, x in named.items():
+        if x is None and name == "state":
+            continue
+        if not isinstance(x, Tensor):
+            raise WKVTypeError(f"wkv6: {name} must be a torch.Tensor, got {type(x).__name__}.")
+        if not x.is_floating_point():
+            raise WKVTypeError(
+                f"wkv6: {name} has dtype {x.dtype}, expected a floating-point dtype."
+            )
+    if r.dim() != 4:
+        raise WKVShapeError(f"wkv6: r has shape {_shape(r)}, expected 4 dimensions (B, T, H, N).")
+    B, T, H, N = r.shape
+    for name, x in (("k", k), ("v", v), ("w", w)):
+        if x.shape != r.shape:
+            raise WKVShapeError(
+                f"wkv6: {name} has shape {_shape(x)}, expected (B, T, H, N) = {_shape(r)} like r."
+            )
+    if u.shape != (H, N):
+        raise WKVShapeError(f"wkv6: u has shape {_shape(u)}, expected (H, N) = ({H}, {N}).")
+    if state is not None and state.shape != (B, H, N, N):
+        raise WKVShapeError(
+            f"wkv6: state has shape {_shape(state)}, expected (B, H, N, N) = ({B}, {H}, {N}, {N})."
+        )
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != r.dtype:
+            raise WKVTypeError(
+                f"wkv6: {name} has dtype {x.dtype} but r has {r.dtype}; r, k and v must share "
+                "one dtype."
+            )
+    for name, x in named.items():
+        if x is not None and x.device != r.device:
+            raise WKVShapeError(
+                f"wkv6: {name} is on {x.device} but r is on {r.device}; put all inputs on one "
+                "device."
+            )
+
+
+def wkv6(
+    r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """WKV6 over a whole sequence.
+
+    r, k, v, w: (B, T, H, N), w the raw decay (per-step decay exp(-exp(w))); u: (H, N) bonus;
+    state: (B, H, N, N) initial state (rows = key channel) or None for zeros. r, k, v share one
+    floating dtype; w, u, state may be any floating dtype. Half-precision inputs are computed in
+    float32. Returns y (B, T, H, N) in r's dtype and the final state (B, H, N, N) in float32
+    (float64 when any input is float64). Raises WKVShapeError / WKVTypeError (a UserError and a
+    ValueError / TypeError) with one sentence naming the bad argument.
+    """
+    _check(r, k, v, w, u, state)
+    if (
+        r.is_cuda
+        and r.dtype in KERNEL_DTYPES
+        and r.shape[-1] == HEAD_SIZE
+        and all(x is None or x.dtype != torch.float64 for x in (w, u, state))
+        and cuda_kernel_available(HEAD_SIZE)
+    ):
+        return wkv6_cuda(r, k, v, w, u, state)
+    return wkv6_chunked(r, k, v, w, u, state)
