@@ -1,0 +1,145 @@
+"""Reading official RWKV-6 checkpoints: load, strip wrapper prefixes, recognise other RWKV
+generations, and validate every key and shape against the layout the shapes themselves imply.
+
+Each refusal is one sentence saying what was found and what was expected (a UserError).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import zipfile
+from typing import Mapping
+
+import torch
+from torch import Tensor
+
+from .config import RWKV6Config
+from .errors import UserError
+
+# Lightning / DeepSpeed / DDP wrappers prepend these to every key.
+WRAPPER_PREFIXES = ("_forward_module.", "module.", "model.")
+
+
+def _torch_load(path: str) -> object:
+    """torch.load without executing pickled code; memory-mapped when the file is in the zip format
+    (legacy torch.save files cannot be memory-mapped and are read normally)."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():
+            raise UserError(_not_torch(path)) from None
+        raise UserError(
+            f"{path} holds Python objects besides tensors; expected a plain state dict saved with "
+            "torch.save(model.state_dict())"
+        ) from None
+    except MemoryError:
+        raise
+    except Exception:  # anything else: not a torch checkpoint, or a truncated/corrupt one
+        raise UserError(_not_torch(path)) from None
+
+
+def _not_torch(path: str) -> str:
+    return (
+        f"{path} is not a readable PyTorch checkpoint (a different format, or truncated/corrupt); "
+        "expected an RWKV-6 .pth saved with torch.save"
+    )
+
+
+def strip_prefixes(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Remove `_forward_module.` / `module.` / `model.` wrapper prefixes (possibly nested)."""
+    out = {}
+    for key, value in sd.items():
+        changed = True
+        while changed:
+            changed = False
+            for p in WRAPPER_PREFIXES:
+                if key.startswith(p):
+                    key, changed = key[len(p):], True
+        out[key] = value
+    return out
+
+
+def detect_generation(sd: Mapping[str, Tensor]) -> str | None:
+    """Name the RWKV generation when the keys show it is NOT RWKV-6, else None."""
+    keys = list(sd)
+    has = lambda pattern: any(re.search(pattern, k) for k in keys)  # noqa: E731
+    if has(r"\.att\.(w0|a0|a1|x_r|x_w|r_k|k_k)$"):
+        return "RWKV-7 (keys like att.w0, att.a0, att.x_r)"
+    if has(r"\.att\.time_maa_w1$"):
+        return None
+    if has(r"\.att\.time_mix_k$") or has(r"\.att\.time_first$"):
+        if has(r"\.att\.ln_x\."):
+            return "RWKV-5 (keys ln_x with time_mix_k / time_first)"
+        return "RWKV-4 (keys like att.time_first, att.time_mix_k)"
+    if has(r"\.att\.time_faaaa$"):
+        return "RWKV-5 (time_faaaa present but no time_maa_w1)"
+    return None
+
+
+def validate_state_dict(sd: Mapping[str, Tensor], allow_extra_keys: bool = False, source: str = "the checkpoint") -> RWKV6Config:
+    """Check `sd` (prefix-stripped) is a complete RWKV-6 state dict; return its inferred config."""
+    bad = [k for k, v in sd.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise UserError(
+            f"{source} has a non-tensor entry {bad[0]!r} (a converted or wrapped file?); "
+            "expected a plain RWKV-6 state dict of tensors"
+        )
+    absent = [name for name, ok in (("emb.weight", "emb.weight" in sd), ("blocks.*", any(k.startswith("blocks.") for k in sd))) if not ok]
+    if absent:
+        found = ", ".join(list(sd)[:3]) or "no tensors"
+        raise UserError(
+            f"{source} does not look like an RWKV model (it has no {' or '.join(absent)} tensors; "
+            f"found {found}); expected an RWKV-6 checkpoint"
+        )
+    other = detect_generation(sd)
+    if other is not None:
+        raise UserError(f"{source} is an {other} model, but rwkv-bone needs an RWKV-6 (x060) checkpoint")
+    config = RWKV6Config.from_state_dict(sd)
+    expected = config.expected_shapes()
+    missing = [k for k in expected if k not in sd]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise UserError(
+            f"{source} is missing tensor {missing[0]}{more}; expected a complete RWKV-6 model "
+            f"with {config.n_layer} layers"
+        )
+    for key, shape in expected.items():
+        found = tuple(sd[key].shape)
+        if found != shape:
+            raise UserError(
+                f"{source} tensor {key} has shape {found} but {shape} was expected from the other "
+                "tensors' shapes; the file is corrupt or not an RWKV-6 model"
+            )
+    extra = [k for k in sd if k not in expected]
+    if extra and not allow_extra_keys:
+        more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
+        raise UserError(
+            f"{source} has unexpected tensor {extra[0]}{more} beyond the RWKV-6 layout (adapter weights?); "
+            "merge them first, or allow extra keys to ignore them"
+        )
+    return config
+
+
+def load_state_dict(path: str | os.PathLike, allow_extra_keys: bool = False) -> dict[str, Tensor]:
+    """Read an RWKV-6 .pth into a prefix-stripped, validated state dict (tensors memory-mapped when
+    possible); raise UserError for missing files, non-torch files and other model generations."""
+    path = os.fspath(path)
+    if not os.path.exists(path) and os.path.isfile(path + ".pth"):
+        path += ".pth"  # the `rwkv` package convention: a model named without its .pth suffix
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint {path} does not exist; check the path (an RWKV-6 .pth file)")
+    if os.path.isdir(path):
+        raise UserError(f"checkpoint {path} is a folder; pass the .pth file itself")
+    obj = _torch_load(path)
+    if isinstance(obj, dict):
+        # Lightning .ckpt keeps the weights under "state_dict", DeepSpeed under "module".
+        for nested in ("state_dict", "module"):
+            if isinstance(obj.get(nested), dict):
+                obj = obj[nested]
+                break
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} holds a {type(obj).__name__}, not a state dict; expected an RWKV-6 .pth")
+    sd = strip_prefixes(obj)
+    validate_state_dict(sd, allow_extra_keys=allow_extra_keys, source=path)
+    return sd

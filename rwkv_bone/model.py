@@ -1,0 +1,281 @@
+"""RWKV-6 ("x060", Finch) as one readable nn.Module whose state_dict is the official checkpoint layout.
+
+    x = ln0(emb(idx));  per block: x = x + att(ln1(x));  x = x + ffn(ln2(x));  logits = head(ln_out(x))
+
+TimeMix (att), with shift(x)_t = x_{t-1} (zeros, or the carried state, before the first token):
+    xx = shift(x) - x;  m = tanh((x + xx*maa_x) @ maa_w1) @_group maa_w2      (5 groups: w, k, v, r, g)
+    x_j = x + xx*(maa_j + m_j);  r, k, v = R x_r, K x_k, V x_v;  g = silu(G x_g)
+    w_raw = time_decay + tanh(x_w @ decay_w1) @ decay_w2   (per-channel decay exp(-exp(w_raw)))
+    out = O (GroupNorm_H(WKV(r, k, v, w_raw, u=time_faaaa)) * g)
+ChannelMix (ffn): out = sigmoid(R (x + xx*maa_r)) * V relu(K (x + xx*maa_k))^2
+
+Linear layers are only ever called as modules, so an adapter that replaces an nn.Linear works as is.
+The WKV op is `rwkv_bone.wkv.wkv6` (looked up as this module's global at call time); it always
+runs in float32 for bf16/fp16/fp32 models (as the reference inference code does), float64 for
+float64 models (tests).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import RWKV6Config
+from .errors import UserError
+from .wkv import wkv6
+
+LN_EPS = 1e-5
+LN_X_EPS = 64e-5  # 1e-5 * head_size_divisor**2 with divisor 8, as in the reference
+
+# Per layer: (att token-shift x (B, C), wkv state (B, H, N, N) in float32 (float64 for a float64
+# model), ffn token-shift x (B, C)).
+LayerState = tuple[Tensor, Tensor, Tensor]
+
+
+def _shift(x: Tensor, prev: Optional[Tensor]) -> Tensor:
+    """shift(x)_t = x_{t-1}; x (B, T, C), prev (B, C) or None (zeros)."""
+    first = x.new_zeros(x.shape[0], 1, x.shape[2]) if prev is None else prev.to(x.dtype).unsqueeze(1)
+    return torch.cat([first, x[:, :-1]], dim=1)
+
+
+class TimeMix(nn.Module):
+    def __init__(self, cfg: RWKV6Config, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        C, A, H, N = cfg.n_embd, cfg.dim_att, cfg.n_head, cfg.head_size
+        self.n_head, self.head_size, self.dim_maa = H, N, cfg.dim_maa
+        # Registration order follows the reference implementation (checkpoint key order).
+        self.time_maa_x = nn.Parameter(torch.empty(1, 1, C))
+        self.time_maa_w = nn.Parameter(torch.empty(1, 1, C))
+        self.time_maa_k = nn.Parameter(torch.empty(1, 1, C))
+        self.time_maa_v = nn.Parameter(torch.empty(1, 1, C))
+        self.time_maa_r = nn.Parameter(torch.empty(1, 1, C))
+        self.time_maa_g = nn.Parameter(torch.empty(1, 1, C))
+        self.time_maa_w1 = nn.Parameter(torch.empty(C, 5 * cfg.dim_maa))
+        self.time_maa_w2 = nn.Parameter(torch.empty(5, cfg.dim_maa, C))
+        self.time_decay = nn.Parameter(torch.empty(1, 1, A))
+        self.time_decay_w1 = nn.Parameter(torch.empty(C, cfg.dim_decay))
+        self.time_decay_w2 = nn.Parameter(torch.empty(cfg.dim_decay, A))
+        self.time_faaaa = nn.Parameter(torch.empty(H, N))
+        self.receptance = nn.Linear(C, A, bias=False)
+        self.key = nn.Linear(C, A, bias=False)
+        self.value = nn.Linear(C, A, bias=False)
+        self.output = nn.Linear(A, C, bias=False)
+        self.gate = nn.Linear(C, A, bias=False)
+        self.ln_x = nn.GroupNorm(H, A, eps=LN_X_EPS)
+
+    def forward(self, x: Tensor, shift_state: Optional[Tensor], wkv_state: Optional[Tensor]):
+        """x (B, T, C) -> out (B, T, C), last x (B, C), wkv state (B, H, N, N) (float32 or wider)."""
+        B, T, C = x.shape
+        H, N = self.n_head, self.head_size
+        xx = _shift(x, shift_state) - x  # (B, T, C)
+        xxx = x + xx * self.time_maa_x
+        m = torch.tanh(xxx @ self.time_maa_w1).view(B * T, 5, self.dim_maa).transpose(0, 1)  # (5, BT, Dm)
+        m = torch.bmm(m, self.time_maa_w2).view(5, B, T, C)
+        mw, mk, mv, mr, mg = m.unbind(0)
+        xw = x + xx * (self.time_maa_w + mw)
+        xk = x + xx * (self.time_maa_k + mk)
+        xv = x + xx * (self.time_maa_v + mv)
+        xr = x + xx * (self.time_maa_r + mr)
+        xg = x + xx * (self.time_maa_g + mg)
+
+        r = self.receptance(xr)  # (B, T, A)
+        k = self.key(xk)
+        v = self.value(xv)
+        g = F.silu(self.gate(xg))
+        # WKV and the decay (exponentiated twice, so sensitive to rounding) run in at least float32.
+        wdt = torch.promote_types(x.dtype, torch.float32)
+        w = self.time_decay.to(wdt) + (torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2).to(wdt)
+
+        heads = lambda t: t.to(wdt).reshape(B, T, H, N)  # noqa: E731
+        # Autocast off: the op gets exactly the precision chosen here, whatever its implementation.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            y, wkv_state = wkv6(heads(r), heads(k), heads(v), heads(w), self.time_faaaa.to(wdt), wkv_state)
+            y = y.reshape(B * T, H * N)  # (BT, A) in wdt
+            y = F.group_norm(y, H, self.ln_x.weight.to(wdt), self.ln_x.bias.to(wdt), LN_X_EPS)
+        y = y.view(B, T, H * N).to(x.dtype) * g
+        return self.output(y), x[:, -1], wkv_state
+
+
+class ChannelMix(nn.Module):
+    def __init__(self, cfg: RWKV6Config, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        C, F_ = cfg.n_embd, cfg.dim_ffn
+        self.time_maa_k = nn.Parameter(torch.empty(1, 1, C))
+        self.time_maa_r = nn.Parameter(torch.empty(1, 1, C))
+        self.key = nn.Linear(C, F_, bias=False)
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(F_, C, bias=False)
+
+    def forward(self, x: Tensor, shift_state: Optional[Tensor]):
+        """x (B, T, C) -> out (B, T, C), last x (B, C)."""
+        xx = _shift(x, shift_state) - x
+        xk = x + xx * self.time_maa_k
+        xr = x + xx * self.time_maa_r
+        kv = self.value(torch.relu(self.key(xk)) ** 2)
+        return torch.sigmoid(self.receptance(xr)) * kv, x[:, -1]
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: RWKV6Config, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.ln1 = nn.LayerNorm(cfg.n_embd, eps=LN_EPS)
+        self.ln2 = nn.LayerNorm(cfg.n_embd, eps=LN_EPS)
+        if layer_id == 0:
+            self.ln0 = nn.LayerNorm(cfg.n_embd, eps=LN_EPS)
+        self.att = TimeMix(cfg, layer_id)
+        self.ffn = ChannelMix(cfg, layer_id)
+
+    def forward(self, x: Tensor, att_x: Optional[Tensor], wkv: Optional[Tensor], ffn_x: Optional[Tensor]):
+        """x (B, T, C) -> x (B, T, C), new (att_x, wkv, ffn_x) state."""
+        if self.layer_id == 0:
+            x = self.ln0(x)
+        a, att_x, wkv = self.att(self.ln1(x), att_x, wkv)
+        x = x + a
+        f, ffn_x = self.ffn(self.ln2(x), ffn_x)
+        return x + f, att_x, wkv, ffn_x
+
+
+class RWKV6(nn.Module):
+    def __init__(self, config: RWKV6Config) -> None:
+        super().__init__()
+        self.config = config
+        self.grad_cp = False
+        self.emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_out = nn.LayerNorm(config.n_embd, eps=LN_EPS)
+        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+
+    # ---- forward ---------------------------------------------------------------------------
+    def forward(self, idx: Tensor) -> Tensor:
+        """idx (B, T) LongTensor -> logits (B, T, V) float32 (float64 for a float64 model)."""
+        return self.forward_with_state(idx, None)[0]
+
+    def forward_with_state(
+        self, idx: Tensor, state: Optional[list[LayerState]] = None
+    ) -> tuple[Tensor, list[LayerState]]:
+        """Process idx (B, T) continuing from `state` (None = start of text); returns the state after
+        the last token, so feeding a sequence in pieces gives the same logits as feeding it whole."""
+        if idx.dim() != 2:
+            raise UserError(f"token ids must have shape (batch, time), got {tuple(idx.shape)}")
+        if idx.shape[1] == 0:
+            raise UserError("cannot run the model on an empty sequence; pass at least one token")
+        if state is not None and len(state) != len(self.blocks):
+            raise UserError(f"the state holds {len(state)} layers but the model has {len(self.blocks)}")
+        x = self.emb(idx)  # (B, T, C)
+        new_state: list[LayerState] = []
+        use_cp = self.grad_cp and self.training and torch.is_grad_enabled()
+        for i, block in enumerate(self.blocks):
+            att_x, wkv, ffn_x = (None, None, None) if state is None else state[i]
+            if use_cp:
+                x, att_x, wkv, ffn_x = checkpoint(block, x, att_x, wkv, ffn_x, use_reentrant=False)
+            else:
+                x, att_x, wkv, ffn_x = block(x, att_x, wkv, ffn_x)
+            new_state.append((att_x, wkv, ffn_x))
+        logits = self.head(self.ln_out(x))
+        if logits.dtype in (torch.bfloat16, torch.float16):
+            logits = logits.float()
+        return logits, new_state
+
+    def zero_state(self, batch_size: int) -> list[LayerState]:
+        """The state before any token (equivalent to passing state=None)."""
+        c = self.config
+        p = self.emb.weight
+        return [
+            (
+                p.new_zeros(batch_size, c.n_embd),
+                torch.zeros(batch_size, c.n_head, c.head_size, c.head_size, device=p.device,
+                            dtype=torch.promote_types(p.dtype, torch.float32)),
+                p.new_zeros(batch_size, c.n_embd),
+            )
+            for _ in range(c.n_layer)
+        ]
+
+    # ---- construction ----------------------------------------------------------------------
+    @classmethod
+    def from_config(
+        cls, config: RWKV6Config, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ) -> "RWKV6":
+        """A model with the reference initialisation (nothing allocated when device is "meta")."""
+        with torch.device("meta"):
+            model = cls(config)
+        if torch.device(device).type == "meta":
+            return model.to(dtype)
+        model = model.to_empty(device=device)
+        model.init_weights()
+        return model.to(dtype)
+
+    @classmethod
+    def from_preset(cls, name: str, device: str | torch.device = "meta", **overrides) -> "RWKV6":
+        """A released architecture ("1.6b", "3b", "7b", "14b"); on "meta" for counting and planning."""
+        return cls.from_config(RWKV6Config.preset(name, **overrides), device=device)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        dtype: Optional[torch.dtype] = torch.float32,
+        device: str | torch.device = "cpu",
+        allow_extra_keys: bool = False,
+    ) -> "RWKV6":
+        """Load an official RWKV-6 .pth; every dimension comes from the tensor shapes.
+        dtype None keeps the checkpoint's dtype. Extra keys are refused unless allow_extra_keys
+        (then they are ignored)."""
+        from .checkpoint import load_state_dict
+
+        sd = load_state_dict(path, allow_extra_keys=allow_extra_keys)
+        config = RWKV6Config.from_state_dict(sd)
+        with torch.device("meta"):
+            model = cls(config)
+        expected = model.state_dict().keys()
+        sd = {k: sd[k].to(device=device, dtype=dtype if dtype is not None else sd[k].dtype) for k in expected}
+        model.load_state_dict(sd, assign=True)
+        return model
+
+    def init_weights(self) -> None:
+        """The reference initialisation for training from scratch (see rwkv_bone.init)."""
+        from .init import init_rwkv6_
+
+        init_rwkv6_(self)
+
+    # ---- saving ----------------------------------------------------------------------------
+    def official_state_dict(self, dtype: Optional[torch.dtype] = None) -> dict[str, Tensor]:
+        """The state dict in the official layout, on CPU, contiguous, optionally cast."""
+        sd = self.state_dict()
+        expected = self.config.expected_shapes()
+        extra = [k for k in sd if k not in expected]
+        if extra:
+            raise UserError(
+                f"the model holds tensors outside the RWKV-6 layout (e.g. {extra[0]}); merge the "
+                "adapters first (merge_peft) or save them separately with save_adapter"
+            )
+        out = {}
+        for k in expected:
+            t = sd[k].detach()
+            if t.is_meta:
+                raise UserError("this model lives on the meta device and has no weights to save; load or initialise it first")
+            t = t.to(device="cpu", dtype=dtype or t.dtype).contiguous()
+            if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+                t = t.clone()  # a view into a larger buffer: torch.save would write the whole buffer
+            out[k] = t
+        return out
+
+    def save_checkpoint(self, path: str | os.PathLike, dtype: Optional[torch.dtype] = None) -> None:
+        """Write an official-layout .pth (loadable by the `rwkv` package), atomically."""
+        from .cli import atomic_path, check_writable_dir
+
+        check_writable_dir(path, "checkpoint")
+        sd = self.official_state_dict(dtype)
+        tmp = atomic_path(path)
+        try:
+            torch.save(sd, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
