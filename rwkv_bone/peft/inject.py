@@ -1,0 +1,158 @@
+"""Put adapters into an RWKV-6 model, choose what trains, count it, and fold adapters back.
+
+`apply_peft` replaces the chosen nn.Linear modules of every block with adapter wrappers that hold
+the same (frozen) weight Parameter, so the base state-dict keys never change, and returns the
+names it replaced. Its settings are recorded as `model.peft_config` (a plain dict) so that
+adapter files can say how to rebuild the model.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from .bone import BONE_MODES, BoneLinear, check_block_size
+from .lora import LoraLinear
+
+METHODS = ("bone", "lora", "pissa", "olora")
+DEFAULT_TARGETS = ("att.receptance", "att.key", "att.value", "att.gate", "att.output",
+                   "ffn.key", "ffn.receptance", "ffn.value")
+TRAIN_PARTS = ("time", "ln", "emb", "head")
+ADAPTER_TYPES = (BoneLinear, LoraLinear)
+
+
+def adapter_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """{qualified name: wrapper} for every adapter layer in `model`."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, ADAPTER_TYPES)}
+
+
+def _parse_list(value: Iterable[str] | str | None) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = value.split(",")
+    return [v.strip() for v in value if v and v.strip()]
+
+
+def _check_targets(targets: Iterable[str] | str | None) -> list[str]:
+    names = _parse_list(targets) if targets is not None else list(DEFAULT_TARGETS)
+    bad = [t for t in names if t not in DEFAULT_TARGETS]
+    if bad or not names:
+        raise UserError(f"unknown adapter target {bad[0] if bad else '(none given)'!r}; "
+                        f"choose among {', '.join(DEFAULT_TARGETS)}")
+    return list(dict.fromkeys(names))
+
+
+def apply_peft(model: nn.Module, method: str, *, bone_b: int = 64, bone_mode: str = "row",
+               lora_r: int = 32, lora_alpha: float | None = None, lora_dropout: float = 0.0,
+               pissa_r: int | None = None, svd_niter: int = 4,
+               targets: Iterable[str] | str | None = None,
+               init_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[str]:
+    """Freeze `model`, wrap the target linears of every block, leave only adapters trainable.
+
+    method: bone (bone_b, bone_mode row|col|ab), lora (lora_r, lora_alpha (default = r, scale 1),
+    lora_dropout), pissa / olora (rank pissa_r, default lora_r; scale 1; svd_niter subspace
+    iterations for PiSSA). targets: names such as "att.key", "ffn.value" (default all 8).
+    init_factors: {layer name: (A0, B0)} to rebuild PiSSA/OLoRA residuals from a saved adapter
+    instead of factorising again. Returns the qualified names replaced ("blocks.0.att.key", ...).
+    """
+    if method not in METHODS:
+        raise UserError(f"unknown fine-tuning method {method!r}; choose one of {', '.join(METHODS)}")
+    if adapter_modules(model):
+        raise UserError("this model already has adapters; load a fresh base model (or merge_peft "
+                        "first) before applying another")
+    if method == "bone" and bone_mode not in BONE_MODES:
+        raise UserError(f"unknown Bone mode {bone_mode!r}; choose one of {', '.join(BONE_MODES)}")
+    names = _check_targets(targets)
+    rank = lora_r if method == "lora" or pissa_r is None else pissa_r
+    alpha = float(lora_alpha) if method == "lora" and lora_alpha is not None else float(rank)
+    if method == "bone":                           # refuse before touching anything
+        for i, block in enumerate(model.blocks):
+            for target in names:
+                lin = block.get_submodule(target)
+                check_block_size(f"blocks.{i}.{target}", lin.out_features, lin.in_features, bone_b)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    replaced = []
+    for i, block in enumerate(model.blocks):
+        for target in names:
+            part, attr = target.split(".")
+            parent = getattr(block, part)
+            base = getattr(parent, attr)
+            qual = f"blocks.{i}.{target}"
+            if not isinstance(base, nn.Linear):
+                raise UserError(f"{qual} is a {type(base).__name__}, not a plain nn.Linear; "
+                                "apply adapters to a freshly loaded base model")
+            if method == "bone":
+                layer = BoneLinear(base, bone_b, bone_mode, name=qual)
+            else:
+                factors = (init_factors or {}).get(qual)
+                layer = LoraLinear(base, rank, alpha, lora_dropout,
+                                   init="lora" if method == "lora" else method, niter=svd_niter,
+                                   name=qual, init_factors=factors)
+            setattr(parent, attr, layer)
+            replaced.append(qual)
+    model.peft_config = dict(method=method, targets=names, train_parts=[])
+    if method == "bone":
+        model.peft_config.update(bone_b=bone_b, bone_mode=bone_mode)
+    else:
+        model.peft_config.update(lora_r=rank, lora_alpha=alpha, lora_dropout=lora_dropout,
+                                 svd_niter=svd_niter)
+    return replaced
+
+
+def trainable_part_params(model: nn.Module, part: str) -> dict[str, nn.Parameter]:
+    """{name: Parameter} of one --train_parts group: time (time_*), ln (LayerNorm/GroupNorm),
+    emb, head."""
+    if part == "time":
+        return {n: p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1].startswith("time_")}
+    if part == "ln":
+        return {f"{mn}.{pn}" if mn else pn: p for mn, m in model.named_modules()
+                if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) for pn, p in m.named_parameters(recurse=False)}
+    if part in ("emb", "head"):
+        return {f"{part}.{n}": p for n, p in getattr(model, part).named_parameters()}
+    raise UserError(f"unknown train part {part!r}; choose among {', '.join(TRAIN_PARTS)}")
+
+
+def mark_trainable(model: nn.Module, train_parts: Iterable[str] | str | None) -> list[str]:
+    """Unfreeze extra parameter groups (see `trainable_part_params`); returns their names."""
+    parts = list(dict.fromkeys(_parse_list(train_parts)))
+    names = []
+    for part in parts:
+        for n, p in trainable_part_params(model, part).items():
+            p.requires_grad_(True)
+            names.append(n)
+    if getattr(model, "peft_config", None) is not None:
+        model.peft_config["train_parts"] = sorted(set(model.peft_config["train_parts"]) | set(parts))
+    return names
+
+
+def count_trainable(config, method: str, train_parts: Iterable[str] | str = (), **options) -> int:
+    """Trainable parameter count of `method` on the architecture `config` (an RWKV6Config or a
+    preset name such as "3b"); the model is built on the meta device, so nothing is allocated."""
+    from ..config import RWKV6Config
+    from ..model import RWKV6
+
+    if isinstance(config, str):
+        config = RWKV6Config.preset(config)
+    model = RWKV6.from_config(config, device="meta")
+    apply_peft(model, method, **options)
+    mark_trainable(model, train_parts)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@torch.no_grad()
+def merge_peft(model: nn.Module) -> list[str]:
+    """Fold every adapter into its weight in place (W + delta; PiSSA/OLoRA: W_res + B A) and put
+    plain nn.Linear modules back; returns the merged names. The model's keys are then exactly the
+    official checkpoint layout again."""
+    merged = []
+    for name, layer in adapter_modules(model).items():
+        parent_name, attr = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent_name), attr, layer.merged_linear())
+        merged.append(name)
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    return merged
