@@ -1,0 +1,147 @@
+"""Tokenisation throughput: official rwkv TRIE_TOKENIZER vs ours (1 process) vs make_data (N workers).
+
+    .venv/bin/python bench/bench_tokenize.py [--mb 4] [--workers 2]
+
+A mixed corpus (English-like prose with Zipf word frequencies, Python-like code, CJK, Cyrillic and
+accented Latin, emoji, whitespace runs) is generated with a fixed seed and written as .jsonl.
+Timed in the same run:
+1. the official `rwkv.rwkv_tokenizer.TRIE_TOKENIZER.encode`, one process, encoding only;
+2. `WorldTokenizer.encode`, one process, encoding only, starting from an empty piece cache
+   (ids checked equal to 1.);
+3. the whole make_data pipeline (`prepare`: read JSON lines, tokenise, write .bin/.idx) with
+   --workers 1 and with --workers N.
+Each is repeated (interleaved) and the best wall time kept, since the machine is shared; the CPU
+seconds (this process + its worker processes) show the work done, whatever the load.
+The tokenizer tables are built before timing (a one-off ~1-2 s per run). Other processes on the
+machine compete for the cores, so compare ratios from the same run, not absolute figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from rwkv_bone.data.prepare import PrepareOptions, prepare  # noqa: E402
+from rwkv_bone.data.tokenizer import WorldTokenizer, world_vocab_path  # noqa: E402
+
+COMMON = ("the of and to in a is that for it as was with be by on not he I this are or his from at "
+          "which but have an they you were her she there been one all we their has would when if "
+          "so no will more can its also into only other some time could new these two may first "
+          "then do any like my now over such our man me even most made after world people").split()
+SYLL = ["ka", "ri", "to", "men", "stra", "tion", "al", "ex", "pro", "ver", "ing", "ed", "com",
+        "ple", "mi", "nu", "qua", "sh", "ter", "ous", "ly", "ment", "de", "con", "tri", "ble"]
+
+
+def make_corpus(mb: float, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    rare = ["".join(rng.choice(SYLL) for _ in range(rng.randint(1, 4))) for _ in range(20000)]
+    words = COMMON + rare
+    weights = [1.0 / (i + 1) for i in range(len(words))]  # Zipf
+    cjk = [chr(rng.randint(0x4E00, 0x9FFF)) for _ in range(3000)] + list("的一是不了人我在有他这")
+    misc = list("привет мир café naïve Straße àéîõü ") + ["😀", "🎉", "👍🏽", "🚀", "❤️"]
+
+    def prose() -> str:
+        out = []
+        for _ in range(rng.randint(3, 12)):
+            sent = rng.choices(words, weights, k=rng.randint(5, 25))
+            if rng.random() < 0.2:
+                sent.insert(rng.randrange(len(sent)), str(rng.randint(0, 99999)))
+            out.append(" ".join(sent).capitalize() + rng.choice([".", ".", "?", "!", ";"]))
+        return " ".join(out) + ("\n\n" if rng.random() < 0.5 else "")
+
+    def code() -> str:
+        lines = []
+        for _ in range(rng.randint(5, 30)):
+            ind = " " * (4 * rng.randint(0, 3))
+            a, b = rng.choice(rare), rng.choice(COMMON)
+            lines.append(rng.choice([f"{ind}def {a}_{b}(x, y={rng.randint(0, 9)}):",
+                                     f"{ind}return {a}[{b}] + {rng.randint(0, 999)}",
+                                     f"{ind}if {a} != {b}:  # {rng.choice(COMMON)}",
+                                     f"{ind}{a} = {{'{b}': [{rng.randint(0, 9)}, None]}}"]))
+        return "\n".join(lines) + "\n"
+
+    def cjk_text() -> str:
+        return "".join(rng.choice(cjk) + ("，" if rng.random() < 0.05 else "")
+                       for _ in range(rng.randint(50, 400))) + "。"
+
+    def mixed() -> str:
+        return "".join(rng.choice(misc) for _ in range(rng.randint(20, 200))) + \
+            " " * rng.randint(1, 300) + "=" * rng.randint(1, 200) + "\t\t\n"
+
+    kinds = [prose] * 12 + [code] * 3 + [cjk_text] * 3 + [mixed]
+    docs, size = [], 0
+    while size < mb * 1e6:
+        doc = "".join(rng.choice(kinds)() for _ in range(rng.randint(1, 4)))
+        docs.append(doc)
+        size += len(doc.encode("utf-8"))
+    return docs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mb", type=float, default=4.0)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
+
+    docs = make_corpus(args.mb)
+    nbytes = sum(len(d.encode("utf-8")) for d in docs)
+    official = TRIE_TOKENIZER(world_vocab_path())
+    WorldTokenizer()  # builds the shared tables (not timed)
+    print(f"corpus: {len(docs)} docs, {nbytes / 1e6:.2f} MB; cpus: {os.cpu_count()}, "
+          f"load: {os.getloadavg()[0]:.2f}")
+
+    ref = [official.encode(d) for d in docs]  # warm-up, and the ids to check against
+    ntok = sum(map(len, ref))
+    best: dict[str, float] = {}
+
+    cpu: dict[str, float] = {}
+
+    def cpu_now() -> float:  # this process + waited-for children (the pool workers)
+        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+    def timed(name: str, fn) -> None:
+        t, c = time.perf_counter(), cpu_now()
+        fn()
+        best[name] = min(best.get(name, float("inf")), time.perf_counter() - t)
+        cpu[name] = min(cpu.get(name, float("inf")), cpu_now() - c)
+
+    def ours_single() -> None:
+        fresh = WorldTokenizer()  # empty piece cache: no help from the previous repeat
+        assert [fresh.encode(d) for d in docs] == ref, "ids differ from the official tokenizer"
+
+    workers = sorted({1, args.workers})
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "corpus.jsonl")
+        with open(src, "w", encoding="utf-8") as f:
+            for doc in docs:
+                f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
+
+        def pipeline(w: int) -> None:
+            r = prepare(PrepareOptions(src, os.path.join(d, f"out{w}"), workers=w, progress=False))
+            assert r.tokens == ntok + len(docs)
+
+        for _ in range(args.repeats):  # interleaved, best of N: the machine is shared
+            timed("official TRIE_TOKENIZER, 1 process", lambda: [official.encode(x) for x in docs])
+            timed("ours WorldTokenizer, 1 process", ours_single)
+            for w in workers:
+                timed(f"ours make_data pipeline, {w} worker(s)", lambda w=w: pipeline(w))
+    base = best["official TRIE_TOKENIZER, 1 process"]
+    print(f"best of {args.repeats}, load after: {os.getloadavg()[0]:.2f}")
+    for name, sec in best.items():
+        print(f"{name:40s}: {sec:6.2f} s  {nbytes / sec / 1e6:6.2f} MB/s  "
+              f"{ntok / sec / 1e6:5.2f} Mtok/s  ({base / sec:.2f}x official)  "
+              f"cpu {cpu[name]:5.2f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,472 @@
+"""make_data: stream text or instruction data into binidx token files (plus loss masks for SFT).
+
+Inputs
+- `.jsonl`, one JSON object per line (blank lines are ignored). Each record is, per --format:
+  text:   {"text": ...}                                  -> the whole text is trained
+  qa:     {"query": ..., "response": ...}                (MetaMathQA field names)
+  alpaca: {"instruction": ..., "input": ..., "output": ...}  ("input" optional; when non-empty it
+          joins the instruction after a newline)
+  auto (default) decides per record, in that order, by which fields are present. Field names are
+  options (--text_field, --prompt_field, --response_field, --instruction_field, --input_field,
+  --output_field).
+- `.txt`: one document per blank-line-separated block (--txt_mode blocks, default), per line
+  (lines), or the whole file as one document (whole; that document is held in memory).
+
+Instruction records are rendered with the RWKV chat convention
+    prompt   = "User: {prompt}\\n\\nAssistant:"      (--prompt_template)
+    response = " {response}"                        (--response_template)
+so the model sees "User: What is 2+2?\\n\\nAssistant: 4" and, at inference, a prompt ending in
+"Assistant:" (no trailing space) is continued by the response. The prompt and the response are
+tokenised separately and concatenated, so the mask boundary is a token boundary.
+
+Outputs (PREFIX = --output)
+- PREFIX.bin/.idx: one item per document, its tokens followed by the end-of-document id 0;
+  uint16 when the vocab has <= 65536 ids, else int32.
+- PREFIX.mask.bin/.idx (uint8, same item sizes), written when any record is an instruction record:
+  1 on response tokens and the final 0 (the tokens to predict), 0 on prompt tokens; plain-text
+  documents are all 1. A trainer uses loss mask = mask[1:] for targets y = doc[1:].
+All files go to temporary names first and are renamed at the end: an error leaves nothing behind.
+
+Streaming: the input is read line by line in batches; batches are tokenised by a pool of worker
+processes (order preserved, a bounded number in flight) and appended to the .bin as they arrive;
+only the document sizes stay in memory. --epochs N writes the data N times, each epoch in a fresh
+seeded random order (--seed); --shuffle shuffles a single epoch too.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import multiprocessing as mp
+import os
+import signal
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+
+from ..cli import atomic_path, check_writable_dir
+from ..errors import UserError
+from .binidx import MAX_ITEM, BinIdxWriter, MMapIndexedDataset, magic_prime, split_prefix
+from .tokenizer import EOD_ID, HFTokenizer, WorldTokenizer, load_tokenizer, token_dtype
+
+DEFAULT_PROMPT_TEMPLATE = "User: {prompt}\n\nAssistant:"
+DEFAULT_RESPONSE_TEMPLATE = " {response}"
+FORMATS = ("auto", "text", "qa", "alpaca")
+TXT_MODES = ("blocks", "lines", "whole")
+_BOM = b"\xef\xbb\xbf"
+
+
+@dataclass
+class PrepareOptions:
+    input: str
+    output: str
+    tokenizer: str | None = None           # None: RWKV World; a tokenizer.json; a World vocab .txt
+    input_format: str | None = None        # "jsonl" | "txt"; None: from the file extension
+    format: str = "auto"                   # jsonl records: auto | text | qa | alpaca
+    text_field: str = "text"
+    prompt_field: str = "query"
+    response_field: str = "response"
+    instruction_field: str = "instruction"
+    input_field: str = "input"
+    output_field: str = "output"
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
+    response_template: str = DEFAULT_RESPONSE_TEMPLATE
+    txt_mode: str = "blocks"
+    epochs: int = 1
+    shuffle: bool = False
+    seed: int = 0
+    ctx_len: int | None = None
+    workers: int | None = None             # None: os.cpu_count()
+    skip_bad: bool = False
+    progress: bool = True
+    batch_docs: int = 64
+    batch_bytes: int = 1 << 18
+
+
+@dataclass
+class PrepareResult:
+    prefix: str
+    documents: int             # per epoch
+    tokens: int                # in the .bin, all epochs
+    epochs: int
+    dtype: np.dtype
+    vocab_size: int
+    has_masks: bool
+    skipped: int = 0
+    first_skipped: str | None = None
+    magic_prime: int | None = None
+    ctx_len: int | None = None
+    outputs: list[str] = field(default_factory=list)
+
+    def train_args(self) -> str | None:
+        """The train.py arguments for one pass over the data (needs ctx_len)."""
+        if self.ctx_len is None or self.magic_prime is None:
+            return None
+        return (f"--data_file {self.prefix} --ctx_len {self.ctx_len} "
+                f"--magic_prime {self.magic_prime} --my_exit_tokens {self.tokens}")
+
+
+class _Bad(Exception):
+    """One record that cannot be used; reported as '<file> line <n>: <message>'."""
+
+
+@dataclass
+class _Encoded:
+    tokens: np.ndarray                  # (T,) all documents of the batch, 0 after each
+    sizes: np.ndarray                   # (docs,) int64
+    masks: np.ndarray | None            # (T,) uint8, None when the batch has no instruction record
+    errors: list[tuple[int, str]]       # (line, message) of skipped records
+    nbytes: int
+
+
+class _Encoder:
+    """Turns raw records into token ids (and masks). Lives in every worker process."""
+
+    def __init__(self, tok: WorldTokenizer | HFTokenizer, opts: PrepareOptions, kind: str,
+                 dtype: np.dtype):
+        self.tok, self.o, self.kind, self.dtype = tok, opts, kind, dtype
+
+    def _field(self, rec: dict, name: str, optional: bool = False) -> str:
+        value = rec.get(name)
+        if value is None and optional:
+            return ""
+        if name not in rec:
+            raise _Bad(f"missing field '{name}' (other names: --text_field, --prompt_field, "
+                       "--response_field, ...; or another --format)")
+        if not isinstance(value, str):
+            raise _Bad(f"field '{name}' is {type(value).__name__}, not a string")
+        return value
+
+    def _parse(self, text: str) -> tuple[str | None, str]:
+        """(prompt or None, body) of one record."""
+        if self.kind == "txt":
+            return None, text
+        try:
+            rec = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise _Bad(f"invalid JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(rec, dict):
+            raise _Bad(f"a record must be a JSON object {{...}}, not {type(rec).__name__}")
+        o, fmt = self.o, self.o.format
+        if fmt == "auto":
+            if o.text_field in rec:
+                fmt = "text"
+            elif o.prompt_field in rec and o.response_field in rec:
+                fmt = "qa"
+            elif o.instruction_field in rec and o.output_field in rec:
+                fmt = "alpaca"
+            else:
+                raise _Bad(f"record has no '{o.text_field}' field, nor '{o.prompt_field}' + "
+                           f"'{o.response_field}', nor '{o.instruction_field}' + "
+                           f"'{o.output_field}' (other names: --text_field, "
+                           "--prompt_field, --response_field, ...)")
+        if fmt == "text":
+            return None, self._field(rec, o.text_field)
+        if fmt == "qa":
+            prompt, response = self._field(rec, o.prompt_field), self._field(rec, o.response_field)
+        else:
+            prompt = self._field(rec, o.instruction_field)
+            extra = self._field(rec, o.input_field, optional=True)
+            prompt = prompt + "\n" + extra if extra else prompt
+            response = self._field(rec, o.output_field)
+        return (o.prompt_template.replace("{prompt}", prompt),
+                o.response_template.replace("{response}", response))
+
+    def _encode(self, text: str) -> list[int]:
+        try:
+            return self.tok.encode(text)
+        except Exception:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise _Bad(f"text contains an unpaired surrogate ({text[e.start]!r}) that is "
+                           "not valid Unicode") from None
+            raise
+
+    def encode_batch(self, batch: tuple[list[tuple[int, bytes]], int]) -> _Encoded:
+        records, nbytes = batch
+        ids: list[int] = []
+        sizes: list[int] = []
+        prompts: list[tuple[int, int]] = []  # (offset in batch, prompt length) of instruction docs
+        errors: list[tuple[int, str]] = []
+        for lineno, raw in records:
+            try:
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    line = lineno + raw.count(b"\n", 0, e.start)
+                    col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+                    raise _Bad(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {col}); "
+                               "re-encode the file as UTF-8", line) from None
+                prompt, body = self._parse(text)
+                p_ids = self._encode(prompt) if prompt is not None else []
+                b_ids = self._encode(body)
+                size = len(p_ids) + len(b_ids) + 1
+                if size > MAX_ITEM:
+                    raise _Bad(f"document of {size} tokens exceeds the binidx limit of {MAX_ITEM}")
+            except _Bad as e:
+                errors.append((e.args[1] if len(e.args) > 1 else lineno, e.args[0]))
+                continue
+            if prompt is not None:
+                prompts.append((len(ids), len(p_ids)))
+            ids += p_ids
+            ids += b_ids
+            ids.append(EOD_ID)
+            sizes.append(size)
+        tokens = np.array(ids, dtype=self.dtype)
+        masks = None
+        if prompts:
+            masks = np.ones(tokens.size, dtype=np.uint8)
+            for start, n in prompts:
+                masks[start:start + n] = 0
+        return _Encoded(tokens, np.array(sizes, dtype=np.int64), masks, errors, nbytes)
+
+
+_WORKER: _Encoder | None = None
+
+
+def _init_worker(encoder: _Encoder) -> None:
+    global _WORKER
+    _WORKER = encoder
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent stops the pool and cleans up
+
+
+def _work(batch: tuple[list[tuple[int, bytes]], int]) -> _Encoded:
+    assert _WORKER is not None
+    return _WORKER.encode_batch(batch)
+
+
+def _read_records(path: str, kind: str, txt_mode: str) -> Iterator[tuple[int, bytes]]:
+    """(first line number, raw bytes) of each record, streamed."""
+    with open(path, "rb") as f:
+        if kind == "txt" and txt_mode == "whole":
+            data = f.read()
+            yield 1, data[3:] if data.startswith(_BOM) else data
+            return
+        block: list[bytes] = []
+        start = 0
+        for lineno, line in enumerate(f, 1):
+            if lineno == 1 and line.startswith(_BOM):
+                line = line[3:]
+            if kind == "jsonl" or txt_mode == "lines":
+                if line.strip():
+                    yield lineno, line.rstrip(b"\r\n")
+            elif line.strip():
+                if not block:
+                    start = lineno
+                block.append(line)
+            elif block:
+                yield start, b"".join(block).rstrip(b"\r\n")
+                block = []
+        if block:
+            yield start, b"".join(block).rstrip(b"\r\n")
+
+
+def _batches(records: Iterator[tuple[int, bytes]], max_docs: int, max_bytes: int
+             ) -> Iterator[tuple[list[tuple[int, bytes]], int]]:
+    batch: list[tuple[int, bytes]] = []
+    nbytes = 0
+    for rec in records:
+        batch.append(rec)
+        nbytes += len(rec[1]) + 1
+        if len(batch) >= max_docs or nbytes >= max_bytes:
+            yield batch, nbytes
+            batch, nbytes = [], 0
+    if batch:
+        yield batch, nbytes
+
+
+def _bounded_imap(pool, func: Callable, items, ahead: int) -> Iterator:
+    """Like pool.imap (order preserved) but never more than `ahead` items in flight (memory)."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.apply_async(func, (item,)))
+        if len(pending) >= ahead:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def _check_options(o: PrepareOptions) -> str:
+    """Validate options and the input file; returns the input kind ("jsonl" | "txt")."""
+    if not os.path.exists(o.input):
+        raise UserError(f"input file {o.input} not found; check the path")
+    if not os.path.isfile(o.input):
+        raise UserError(f"input {o.input} is not a file; pass a .jsonl or .txt file")
+    kind = o.input_format
+    if kind is None:
+        ext = os.path.splitext(o.input)[1].lower()
+        if ext == ".json":
+            raise UserError(f"{o.input} is .json; make_data reads JSON lines (one object per "
+                            "line): convert it, e.g. jq -c '.[]' in.json > in.jsonl, or pass "
+                            "--input_format jsonl if it already is")
+        kind = {".jsonl": "jsonl", ".txt": "txt", ".text": "txt", ".md": "txt"}.get(ext)
+        if kind is None:
+            raise UserError(f"cannot tell the type of {o.input} from its extension; "
+                            "pass --input_format jsonl or --input_format txt")
+    if kind not in ("jsonl", "txt"):
+        raise UserError(f"--input_format must be jsonl or txt, got {kind!r}")
+    if o.format not in FORMATS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {o.format!r}")
+    if o.txt_mode not in TXT_MODES:
+        raise UserError(f"--txt_mode must be one of {', '.join(TXT_MODES)}, got {o.txt_mode!r}")
+    if "{prompt}" not in o.prompt_template:
+        raise UserError("--prompt_template must contain {prompt}")
+    if "{response}" not in o.response_template:
+        raise UserError("--response_template must contain {response}")
+    if o.epochs < 1:
+        raise UserError(f"--epochs must be at least 1, got {o.epochs}")
+    if o.workers is not None and o.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {o.workers}")
+    if o.ctx_len is not None and o.ctx_len < 1:
+        raise UserError(f"--ctx_len must be positive, got {o.ctx_len}")
+    prefix = split_prefix(o.output)
+    if not os.path.basename(prefix) or os.path.isdir(prefix):
+        raise UserError(f"--output {o.output} is a folder; give a file prefix such as "
+                        f"{os.path.join(o.output, 'mydata')}")
+    check_writable_dir(prefix + ".bin", "--output")
+    return kind
+
+
+def _progress(o: PrepareOptions):
+    if not o.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=os.path.getsize(o.input), unit="B", unit_scale=True, file=sys.stderr,
+                desc=os.path.basename(o.input), mininterval=0.5)
+
+
+def prepare(o: PrepareOptions) -> PrepareResult:
+    """Tokenise `o.input` into `o.output`.bin/.idx (+ .mask.bin/.idx); see the module docstring."""
+    kind = _check_options(o)
+    prefix = split_prefix(o.output)
+    tok = load_tokenizer(o.tokenizer)
+    dtype = token_dtype(tok.vocab_size)
+    encoder = _Encoder(tok, o, kind, dtype)
+    reshuffle = o.epochs > 1 or o.shuffle
+    # Pass 1 writes the final pair directly, or a hidden stage pair that the epoch pass re-orders.
+    stage = atomic_path(prefix) + ".stage" if reshuffle else prefix
+    writers: list[BinIdxWriter] = []
+    staged: list[str] = []
+    pool = bar = None
+    try:
+        tokens_w = BinIdxWriter(stage, dtype)
+        writers.append(tokens_w)
+        masks_w: BinIdxWriter | None = None
+        skipped, first_bad = 0, None
+        batches = _batches(_read_records(o.input, kind, o.txt_mode), o.batch_docs, o.batch_bytes)
+        workers = o.workers or os.cpu_count() or 1
+        if workers > 1:
+            # fork: workers inherit the tokenizer tables instead of rebuilding them.
+            methods = mp.get_all_start_methods()
+            ctx = mp.get_context("fork" if "fork" in methods else None)
+            gc.freeze()  # keep the collector from touching (copying) the inherited tables
+            try:
+                pool = ctx.Pool(workers, initializer=_init_worker, initargs=(encoder,))
+            finally:
+                gc.unfreeze()
+            results = _bounded_imap(pool, _work, batches, ahead=2 * workers + 2)
+        else:
+            results = map(encoder.encode_batch, batches)
+        bar, t0 = _progress(o), time.time()
+        for res in results:
+            for line, msg in res.errors:
+                where = f"{o.input} line {line}: {msg}"
+                if not o.skip_bad:
+                    raise UserError(f"{where}; fix the line or pass --skip_bad")
+                skipped += 1
+                first_bad = first_bad or where
+            if res.masks is not None and masks_w is None:
+                masks_w = BinIdxWriter(stage + ".mask", np.uint8)
+                writers.append(masks_w)
+                _fill_ones(masks_w, tokens_w)  # earlier plain-text documents: all trained
+            tokens_w.add_many(res.tokens, res.sizes)
+            if masks_w is not None:
+                masks_w.add_many(res.masks if res.masks is not None
+                                 else np.ones(res.tokens.size, np.uint8), res.sizes)
+            if bar is not None:
+                el = max(time.time() - t0, 1e-9)
+                bar.set_postfix_str(f"{tokens_w.num_items} docs, {tokens_w.num_items / el:.0f} "
+                                    f"docs/s, {tokens_w.num_tokens / el / 1e3:.1f}k tok/s",
+                                    refresh=False)
+                bar.update(res.nbytes)
+        if bar is not None:
+            bar.update(bar.total - bar.n)  # blank lines were not counted
+            bar.close()
+        if pool is not None:
+            pool.close()
+            pool.join()
+            pool = None
+        documents = tokens_w.num_items
+        if documents == 0:
+            extra = f" ({skipped} bad records skipped)" if skipped else ""
+            raise UserError(f"{o.input} contains no documents{extra}; check the file and "
+                            "--input_format / --txt_mode")
+        for w in writers:
+            w.finish()
+        if reshuffle:
+            for w in writers:
+                w.commit()
+                staged += [w.bin_path, w.idx_path]
+            writers = _write_epochs(stage, prefix, dtype, masks_w is not None, o.epochs,
+                                    o.shuffle or o.epochs > 1, o.seed, writers)
+        total_tokens = writers[0].num_tokens
+        prime = magic_prime(total_tokens, o.ctx_len) if o.ctx_len is not None else None
+        for w in writers:
+            w.finish()
+        for w in writers:
+            w.commit()
+        outputs = [p for w in writers for p in (w.bin_path, w.idx_path)]
+        if len(writers) == 1:  # no masks: drop stale ones from an earlier run of the same prefix
+            for ext in (".mask.bin", ".mask.idx"):
+                if os.path.exists(prefix + ext):
+                    os.remove(prefix + ext)
+        writers = []
+    except BaseException:
+        if bar is not None:
+            bar.close()  # end the bar's line before the error message
+        if pool is not None:
+            pool.terminate()
+        for w in writers:
+            w.abort()
+        raise
+    finally:
+        for path in staged:
+            if os.path.exists(path):
+                os.remove(path)
+    result = PrepareResult(prefix, documents, total_tokens, o.epochs, dtype, tok.vocab_size,
+                           masks_w is not None, skipped, first_bad, outputs=outputs)
+    result.ctx_len, result.magic_prime = o.ctx_len, prime
+    return result
+
+
+def _fill_ones(masks_w: BinIdxWriter, tokens_w: BinIdxWriter, chunk: int = 1 << 16) -> None:
+    """Give the documents already written to `tokens_w` all-ones masks."""
+    sizes = tokens_w.sizes()
+    for i in range(0, len(sizes), chunk):
+        part = sizes[i:i + chunk]
+        masks_w.add_many(np.ones(int(part.sum(dtype=np.int64)), np.uint8), part)
+
+
+def _write_epochs(stage: str, prefix: str, dtype: np.dtype, with_masks: bool, epochs: int,
+                  shuffle: bool, seed: int, cleanup: list[BinIdxWriter]) -> list[BinIdxWriter]:
+    """Write `epochs` copies of the stage pair to `prefix`, each in a fresh seeded order."""
+    src = [MMapIndexedDataset(stage)] + ([MMapIndexedDataset(stage + ".mask")] if with_masks else [])
+    cleanup.clear()  # the stage writers are committed; the caller aborts these new ones on error
+    cleanup.append(BinIdxWriter(prefix, dtype))
+    if with_masks:
+        cleanup.append(BinIdxWriter(prefix + ".mask", np.uint8))
+    out = list(cleanup)
+    rng = np.random.default_rng(seed)
+    n = len(src[0])
+    for _ in range(epochs):
+        order = rng.permutation(n) if shuffle else np.arange(n)
+        for i in range(0, n, 4096):
+            part = order[i:i + 4096]
+            for ds, w in zip(src, out):
+                w.add_many(np.concatenate([ds.get(int(j)) for j in part]), ds.sizes[part])
+    return out
