@@ -1,0 +1,222 @@
+"""Command-line settings of train.py (names as in RWKV-LM / RWKV-PEFT) and their validation.
+
+Everything that can be checked without touching the data or the checkpoint is checked here and
+reported as one `UserError` sentence; file-level checks live next to the code that reads the files.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Sequence
+
+from ..errors import UserError
+
+PEFT_METHODS = ("none", "bone", "lora", "pissa", "olora")
+BONE_MODES = ("row", "col", "ab")
+TRAIN_PARTS = ("time", "ln", "emb", "head")
+LR_SCHEDULES = ("constant", "linear", "cosine", "exp")
+STRATEGIES = (
+    "auto",
+    "ddp",
+    "deepspeed_stage_1",
+    "deepspeed_stage_2",
+    "deepspeed_stage_2_offload",
+    "deepspeed_stage_3",
+    "deepspeed_stage_3_offload",
+)
+# What --precision accepts, mapped to the two behaviours we implement (see `precision_mode`).
+PRECISIONS = {"bf16": "bf16", "bf16-mixed": "bf16", "fp32": "fp32", "32": "fp32", "32-true": "fp32"}
+
+
+def _bool01(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected 0 or 1, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train.py",
+        description="Fine-tune (or pre-train) an RWKV-6 model with Bone / LoRA / PiSSA / OLoRA adapters.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--load_model", default=None,
+                   help='RWKV-6 checkpoint (.pth) to fine-tune; dims are read from its shapes. '
+                        '"" trains from scratch (needs --model_preset or --n_layer/--n_embd, and --peft none)')
+    g.add_argument("--model_preset", default="",
+                   help="1.6b, 3b, 7b or 14b: dims for --dry_run or from-scratch training")
+    g.add_argument("--n_layer", type=int, default=0, help="layers, only when training from scratch")
+    g.add_argument("--n_embd", type=int, default=0, help="width, only when training from scratch")
+    g.add_argument("--vocab_size", type=int, default=0, help="vocabulary when training from scratch (0 = 65536)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data_file", default="", help="binidx prefix (PREFIX.bin / PREFIX.idx, no extension)")
+    g.add_argument("--data_type", default="binidx", choices=("binidx", "sft"),
+                   help="binidx: random ctx_len+1 windows of the token stream; sft: one document per sample "
+                        "with the loss mask PREFIX.mask.bin/.idx")
+    g.add_argument("--ctx_len", type=int, default=512, help="tokens per sample")
+    g.add_argument("--magic_prime", type=int, default=0,
+                   help="binidx only: visit every ctx_len chunk once (p prime, p %% 3 == 2, p <= tokens//ctx_len - 1)")
+    g.add_argument("--my_exit_tokens", type=int, default=0, help="stop after this many training tokens (0 = off)")
+
+    g = p.add_argument_group("schedule")
+    g.add_argument("--micro_bsz", type=int, default=4, help="samples per device per micro-batch")
+    g.add_argument("--accumulate_grad_batches", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--epoch_steps", type=int, default=1000, help="optimizer steps per epoch (RWKV convention)")
+    g.add_argument("--epoch_count", type=int, default=1, help="epochs to train")
+    g.add_argument("--epoch_begin", type=int, default=0, help="number of the first epoch (checkpoint and log names)")
+    g.add_argument("--epoch_save", type=int, default=1, help="write rwkv-{epoch}.pth every this many epochs")
+    g.add_argument("--save_every_steps", type=int, default=0,
+                   help="also save the resumable training state every this many steps (0 = at epoch ends only)")
+    g.add_argument("--lr_init", type=float, default=2e-5, help="learning rate after warm-up")
+    g.add_argument("--lr_final", type=float, default=None, help="learning rate at the last step (default lr_init)")
+    g.add_argument("--lr_schedule", default="constant", choices=LR_SCHEDULES,
+                   help="decay from lr_init to lr_final over the run (exp = RWKV's exponential decay)")
+    g.add_argument("--warmup_steps", type=int, default=0, help="linear warm-up steps")
+
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
+    g.add_argument("--beta2", type=float, default=0.99, help="AdamW beta2")
+    g.add_argument("--adam_eps", type=float, default=1e-8, help="AdamW epsilon")
+    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (2-D+ tensors only)")
+    g.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
+    g.add_argument("--grad_cp", type=_bool01, default=False, help="1: activation checkpointing per block")
+
+    g = p.add_argument_group("adapter")
+    g.add_argument("--peft", default="bone", choices=PEFT_METHODS, help="adapter method (none = train all weights)")
+    g.add_argument("--bone_b", type=int, default=64, help="Bone block size b")
+    g.add_argument("--bone_mode", default="row", choices=BONE_MODES, help="Bone variant")
+    g.add_argument("--lora_r", type=int, default=32, help="LoRA / OLoRA rank")
+    g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank, scale 1)")
+    g.add_argument("--lora_dropout", type=float, default=0.0, help="LoRA dropout")
+    g.add_argument("--pissa_r", type=int, default=None, help="PiSSA rank (default --lora_r)")
+    g.add_argument("--svd_niter", type=int, default=4, help="PiSSA fast-SVD iterations")
+    g.add_argument("--train_parts", default="",
+                   help="extra parts to train besides the adapter, comma separated: time, ln, emb, head")
+
+    g = p.add_argument_group("hardware")
+    g.add_argument("--precision", default="bf16", choices=tuple(PRECISIONS),
+                   help="bf16 (= bf16-mixed): frozen weights stored in bf16, trained tensors kept in fp32, "
+                        "matmuls in bf16; fp32 (= 32, 32-true): everything fp32")
+    g.add_argument("--accelerator", default="auto", choices=("auto", "gpu", "cuda", "cpu"), help="device type")
+    g.add_argument("--devices", type=int, default=1, help="devices (processes) per node")
+    g.add_argument("--num_nodes", type=int, default=1, help="nodes")
+    g.add_argument("--strategy", default="auto", choices=STRATEGIES, help="distribution strategy")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--proj_dir", default="out", help="output folder: checkpoints, logs, training state")
+    g.add_argument("--random_seed", type=int, default=42, help="seed: data order, init, dropout")
+    g.add_argument("--wandb", default="", help="W&B project name (empty = off; offline without a W&B login)")
+    g.add_argument("--resume", action="store_true", help="continue from PROJ_DIR's last saved training state")
+    g.add_argument("--dry_run", action="store_true", help="print dims and trainable parameter count, then exit")
+    g.add_argument("--progress", type=_bool01, default=True, help="show the progress bar")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    validate(args)
+    return args
+
+
+def precision_mode(args: argparse.Namespace) -> str:
+    """'bf16' or 'fp32'."""
+    return PRECISIONS[args.precision]
+
+
+def train_parts(args: argparse.Namespace) -> tuple[str, ...]:
+    return tuple(x.strip() for x in args.train_parts.split(",") if x.strip())
+
+
+def from_scratch(args: argparse.Namespace) -> bool:
+    return args.load_model is not None and args.load_model == ""
+
+
+def peft_options(args: argparse.Namespace) -> dict:
+    """Keyword options for rwkv_bone.peft.apply_peft / count_trainable."""
+    if args.peft == "bone":
+        return {"bone_b": args.bone_b, "bone_mode": args.bone_mode}
+    if args.peft in ("lora", "olora"):
+        return {"lora_r": args.lora_r, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout}
+    if args.peft == "pissa":
+        return {"lora_r": args.lora_r, "pissa_r": args.pissa_r or args.lora_r, "svd_niter": args.svd_niter,
+                "lora_alpha": args.lora_alpha}
+    return {}
+
+
+def method_label(args: argparse.Namespace) -> str:
+    """Short text naming the adapter, e.g. 'bone-row b=64', 'lora r=32'."""
+    if args.peft == "bone":
+        return f"bone-{args.bone_mode} b={args.bone_b}"
+    if args.peft in ("lora", "olora"):
+        return f"{args.peft} r={args.lora_r}"
+    if args.peft == "pissa":
+        return f"pissa r={args.pissa_r or args.lora_r}"
+    return "full"
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Flag combinations that can never work; each raises one UserError sentence."""
+    positive = ["ctx_len", "micro_bsz", "accumulate_grad_batches", "epoch_steps", "epoch_count", "epoch_save",
+                "devices", "num_nodes", "bone_b", "lora_r", "svd_niter"]
+    for name in positive:
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    for name in ("epoch_begin", "warmup_steps", "save_every_steps", "magic_prime", "my_exit_tokens",
+                 "n_layer", "n_embd", "vocab_size"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name} must not be negative, got {getattr(args, name)}")
+    if args.lr_final is None:
+        args.lr_final = args.lr_init
+    if args.lr_init <= 0 or args.lr_final < 0:
+        raise UserError("--lr_init must be positive and --lr_final not negative")
+    if args.lr_schedule == "exp" and args.lr_final <= 0:
+        raise UserError("--lr_schedule exp needs a positive --lr_final (it decays geometrically towards it)")
+    if not (0 <= args.beta1 < 1 and 0 <= args.beta2 < 1):
+        raise UserError("--beta1 and --beta2 must lie in [0, 1)")
+    if args.weight_decay < 0 or args.grad_clip < 0 or args.adam_eps <= 0:
+        raise UserError("--weight_decay and --grad_clip must not be negative and --adam_eps must be positive")
+    if not 0 <= args.lora_dropout < 1:
+        raise UserError("--lora_dropout must lie in [0, 1)")
+    if args.pissa_r is not None and args.pissa_r <= 0:
+        raise UserError(f"--pissa_r must be a positive integer, got {args.pissa_r}")
+    bad = [p for p in train_parts(args) if p not in TRAIN_PARTS]
+    if bad:
+        raise UserError(f"--train_parts: unknown part(s) {', '.join(bad)}; choose from {', '.join(TRAIN_PARTS)}")
+
+    explicit_dims = bool(args.n_layer or args.n_embd)
+    if args.load_model is None and not (args.dry_run and (args.model_preset or explicit_dims)):
+        raise UserError('give --load_model PATH to fine-tune a checkpoint, or --load_model "" with '
+                        '--model_preset (or --n_layer and --n_embd) to train from scratch')
+    if args.load_model:
+        if explicit_dims or args.vocab_size:
+            raise UserError("--n_layer/--n_embd/--vocab_size are read from the --load_model checkpoint; "
+                            "drop them (they are only for training from scratch)")
+        if args.model_preset:
+            raise UserError("--model_preset is only for training from scratch or --dry_run; the dims of "
+                            "--load_model are read from the checkpoint, so drop --model_preset")
+        if not os.path.isfile(args.load_model):
+            raise UserError(f"--load_model {args.load_model} does not exist; give the path of an RWKV-6 .pth file")
+    else:
+        if args.model_preset and explicit_dims:
+            raise UserError("give either --model_preset or --n_layer/--n_embd, not both")
+        if not args.model_preset and not (args.n_layer and args.n_embd):
+            raise UserError('training from scratch (--load_model "") needs --model_preset (1.6b, 3b, 7b, 14b) '
+                            "or both --n_layer and --n_embd")
+        if from_scratch(args) and args.peft != "none":
+            raise UserError(f'--load_model "" trains a new model from scratch, where every weight trains: '
+                            f"use --peft none (adapters such as --peft {args.peft} need a pre-trained --load_model)")
+    if args.peft == "none" and args.train_parts and not from_scratch(args):
+        raise UserError("--train_parts only adds parts to an adapter; with --peft none every weight trains already")
+
+    if args.dry_run:
+        return
+    if not args.data_file:
+        raise UserError("--data_file is required: the binidx prefix (PREFIX.bin / PREFIX.idx, without extension)")
+    if args.magic_prime and args.data_type == "sft":
+        raise UserError("--magic_prime applies to --data_type binidx only; sft takes one document per sample")
+    if args.strategy == "auto" and args.devices * args.num_nodes > 1:
+        args.strategy = "ddp"

@@ -1,0 +1,170 @@
+"""Training samples from memory-mapped binidx data, as pure functions of a global sample number.
+
+Every sample the trainer sees is identified by its global sample number
+    g = ((step * accumulate + micro) * world_size + rank) * micro_bsz + row
+(step = optimizer step, micro = micro-batch within the step, rank = process, row = row in the
+micro-batch). A sample depends only on (seed, g), so a resumed run, or a rank, sees exactly the
+data it would have seen in an uninterrupted run, and different ranks see different data.
+
+Samplers (each returns x, y: int64 (ctx_len,) and, for sft, a float32 loss mask (ctx_len,)):
+- random windows ("get" mode of RWKV pre-training): start uniform in [0, tokens - ctx_len - 1],
+  sample = tokens[start : start + ctx_len + 1], x = sample[:-1], y = sample[1:];
+- magic prime p: sample i starts at ((floor(p * 0.618034) * i^3) mod p) * ctx_len. With p prime
+  and p % 3 == 2, i -> i^3 is a bijection mod p, so p consecutive samples visit every chunk once;
+- sft: one document per sample (documents in a fresh random order for every pass over the data),
+  s = doc[:ctx_len+1] padded with 0, x = s[:-1], y = s[1:], mask = docmask[1:] (0 on padding).
+"""
+from __future__ import annotations
+
+import os
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import UserError
+
+
+class TokenReader(Protocol):
+    """What the samplers need from rwkv_bone.data.binidx.MMapIndexedDataset."""
+
+    tokens: np.ndarray  # flat memmap of the whole .bin
+    sizes: np.ndarray  # (N,) tokens per document
+
+    def __len__(self) -> int: ...
+
+    def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray: ...
+
+
+def global_sample_number(step: int, micro: int, row: int, *, rank: int, world_size: int,
+                         accumulate: int, micro_bsz: int) -> int:
+    return ((step * accumulate + micro) * world_size + rank) * micro_bsz + row
+
+
+def magic_prime_start(i: int, p: int, ctx_len: int) -> int:
+    """Token offset of the i-th sample of a magic-prime pass (Python ints: no overflow)."""
+    return (int(p * 0.618034) * pow(i, 3, p)) % p * ctx_len
+
+
+class RandomWindows:
+    """Random ctx_len+1 windows of the flat token stream ('get' mode)."""
+
+    def __init__(self, reader: TokenReader, ctx_len: int, seed: int) -> None:
+        self.tokens, self.ctx_len, self.seed = reader.tokens, ctx_len, seed
+        self.n = int(self.tokens.shape[0])
+        if self.n < ctx_len + 1:
+            raise UserError(f"the data has {self.n} tokens, fewer than ctx_len + 1 = {ctx_len + 1}; "
+                            "use a smaller --ctx_len or more data")
+
+    def __call__(self, g: int) -> tuple[np.ndarray, ...]:
+        start = int(np.random.default_rng([self.seed, g]).integers(0, self.n - self.ctx_len))
+        s = np.asarray(self.tokens[start:start + self.ctx_len + 1], dtype=np.int64)  # (ctx_len+1,)
+        return s[:-1], s[1:]
+
+
+class MagicPrimeWindows:
+    """One pass over the ctx_len chunks in the magic-prime order (wrapping into a new pass)."""
+
+    def __init__(self, reader: TokenReader, ctx_len: int, magic_prime: int) -> None:
+        self.tokens, self.ctx_len, self.p = reader.tokens, ctx_len, magic_prime
+        from ..data.binidx import is_prime, magic_prime as best_magic_prime
+
+        n = int(self.tokens.shape[0])
+        if not (is_prime(magic_prime) and magic_prime % 3 == 2 and magic_prime <= n // ctx_len - 1):
+            raise UserError(f"--magic_prime {magic_prime} must be a prime with p % 3 == 2 and "
+                            f"p <= tokens // ctx_len - 1 = {n // ctx_len - 1}; for this data and ctx_len "
+                            f"use --magic_prime {best_magic_prime(n, ctx_len)}")
+
+    def __call__(self, g: int) -> tuple[np.ndarray, ...]:
+        start = magic_prime_start(g, self.p, self.ctx_len)
+        s = np.asarray(self.tokens[start:start + self.ctx_len + 1], dtype=np.int64)
+        return s[:-1], s[1:]
+
+
+class SFTDocuments:
+    """One document per sample with its loss mask; a new document order for every pass."""
+
+    def __init__(self, reader: TokenReader, mask: TokenReader, ctx_len: int, seed: int) -> None:
+        if len(reader) == 0:
+            raise UserError("the sft data holds no documents; rebuild it with make_data.py")
+        if len(mask) != len(reader) or not np.array_equal(np.asarray(mask.sizes), np.asarray(reader.sizes)):
+            raise UserError("the sft mask files do not match the token files (different document sizes); "
+                            "rebuild both with make_data.py")
+        self.reader, self.mask, self.ctx_len, self.seed = reader, mask, ctx_len, seed
+        self.n_docs = len(reader)
+        self._perm_pass, self._perm = -1, np.empty(0, dtype=np.int64)
+
+    def order(self, data_pass: int) -> np.ndarray:
+        if data_pass != self._perm_pass:
+            self._perm = np.random.default_rng([self.seed, 1, data_pass]).permutation(self.n_docs)
+            self._perm_pass = data_pass
+        return self._perm
+
+    def __call__(self, g: int) -> tuple[np.ndarray, ...]:
+        data_pass, pos = divmod(g, self.n_docs)
+        doc = int(self.order(data_pass)[pos])
+        T1 = self.ctx_len + 1
+        toks = np.asarray(self.reader.get(doc, 0, min(T1, int(self.reader.sizes[doc]))), dtype=np.int64)
+        msk = np.asarray(self.mask.get(doc, 0, toks.shape[0]), dtype=np.float32)
+        s = np.zeros(T1, dtype=np.int64)
+        m = np.zeros(T1, dtype=np.float32)  # padding: 0 = not trained
+        s[:toks.shape[0]] = toks
+        m[:msk.shape[0]] = msk
+        return s[:-1], s[1:], m[1:]
+
+
+class StepSamples(Dataset):
+    """The micro-batch rows this rank needs for optimizer steps [start_step, total_steps), in order.
+
+    Item j is row j % micro_bsz of micro-batch j // micro_bsz; a DataLoader with batch_size =
+    micro_bsz and no shuffling therefore yields exactly the micro-batches of those steps.
+    """
+
+    def __init__(self, sampler, *, start_step: int, total_steps: int, rank: int, world_size: int,
+                 accumulate: int, micro_bsz: int) -> None:
+        self.sampler = sampler
+        self.start_step, self.total_steps = start_step, total_steps
+        self.rank, self.world_size = rank, world_size
+        self.accumulate, self.micro_bsz = accumulate, micro_bsz
+
+    def __len__(self) -> int:
+        return max(0, self.total_steps - self.start_step) * self.accumulate * self.micro_bsz
+
+    def sample_number(self, j: int) -> int:
+        m, row = divmod(j, self.micro_bsz)
+        rel_step, micro = divmod(m, self.accumulate)
+        return global_sample_number(self.start_step + rel_step, micro, row, rank=self.rank,
+                                    world_size=self.world_size, accumulate=self.accumulate,
+                                    micro_bsz=self.micro_bsz)
+
+    def __getitem__(self, j: int) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in self.sampler(self.sample_number(j)))
+
+
+def _need_pair(prefix: str, what: str) -> None:
+    for ext in (".bin", ".idx"):
+        if not os.path.isfile(prefix + ext):
+            raise UserError(f"{what} {prefix}{ext} does not exist; give --data_file as the binidx prefix "
+                            "(without .bin/.idx) of data made with make_data.py")
+
+
+def open_sampler(data_file: str, data_type: str, ctx_len: int, seed: int, magic_prime: int = 0):
+    """Open the memory-mapped data and return the sampler function g -> sample."""
+    from ..data.binidx import MMapIndexedDataset, load_masks, split_prefix
+
+    data_file = split_prefix(data_file)
+    _need_pair(data_file, "the data file")
+    reader = MMapIndexedDataset(data_file)
+    if data_type == "sft":
+        masks = load_masks(data_file, reader)
+        if masks is None:
+            raise UserError(f"--data_type sft needs the loss-mask files {data_file}.mask.bin/.idx next to the data; "
+                            "make them with make_data.py (sft mode) or use --data_type binidx")
+        return SFTDocuments(reader, masks, ctx_len, seed)
+    if int(reader.tokens.shape[0]) < ctx_len + 1:
+        raise UserError(f"{data_file}.bin holds {int(reader.tokens.shape[0])} tokens, fewer than ctx_len + 1 = "
+                        f"{ctx_len + 1}; use a smaller --ctx_len or more data")
+    if magic_prime:
+        return MagicPrimeWindows(reader, ctx_len, magic_prime)
+    return RandomWindows(reader, ctx_len, seed)

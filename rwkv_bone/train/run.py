@@ -1,0 +1,221 @@
+"""One training run from parsed flags: data, model (+ adapters), Lightning Trainer, resume, dry run.
+
+Precision (--precision):
+- bf16 (default; "bf16-mixed" is the same): frozen base weights are stored in bf16 (2 bytes per
+  weight: a 7B base takes ~15 GB), the tensors that train stay fp32 masters, matmuls run in bf16
+  (torch.autocast; under DeepSpeed its bf16 mode, which keeps fp32 master copies of what trains).
+- fp32 ("32", "32-true"): everything fp32 (CPU runs, exact-reproducibility tests).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+from . import args as A
+from . import checkpoints as ck
+from .callbacks import RunRecorder, write_run_settings
+from .strategy import DEEPSPEED_STAGES, build_strategy, is_deepspeed, resolve_accelerator
+
+
+def model_config(args: argparse.Namespace):
+    """RWKV6Config from --load_model's shapes, or from --model_preset / explicit dims."""
+    from ..config import RWKV6Config
+
+    if args.load_model:
+        from ..checkpoint import load_state_dict
+
+        return RWKV6Config.from_state_dict(load_state_dict(args.load_model))
+    overrides = {"vocab_size": args.vocab_size} if args.vocab_size else {}
+    if args.model_preset:
+        return RWKV6Config.preset(args.model_preset, **overrides)
+    return RWKV6Config(n_layer=args.n_layer, n_embd=args.n_embd, vocab_size=args.vocab_size or 65536)
+
+
+def describe(config) -> str:
+    c = config
+    return (f"RWKV-6 L={c.n_layer} C={c.n_embd} A={c.dim_att} F={c.dim_ffn} V={c.vocab_size} "
+            f"H={c.n_head} N={c.head_size} Dm={c.dim_maa} Dd={c.dim_decay}")
+
+
+def count_params(config, args: argparse.Namespace) -> int:
+    from ..model import RWKV6
+    from ..peft import count_trainable
+
+    if args.peft == "none":
+        return sum(p.numel() for p in RWKV6.from_config(config, device="meta").parameters())
+    return count_trainable(config, args.peft, A.train_parts(args), **A.peft_options(args))
+
+
+def dry_run(args: argparse.Namespace) -> int:
+    config = model_config(args)
+    n = count_params(config, args)
+    print(f"model: {describe(config)}")
+    print(f"method: {A.method_label(args)}" + (f" + {args.train_parts}" if args.train_parts else ""))
+    print(f"trainable parameters: {n:,}")
+    return 0
+
+
+def build_model(args: argparse.Namespace, config, bf16: bool) -> torch.nn.Module:
+    from ..model import RWKV6
+    from ..peft import apply_peft, mark_trainable
+
+    if A.from_scratch(args):
+        torch.manual_seed(args.random_seed)
+        model = RWKV6.from_config(config, device="cpu")  # reference init, all fp32, everything trains
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        # A bf16 base is never copied to fp32 as a whole (PiSSA/OLoRA factorise one layer at a time
+        # in fp32 and write W_res back in bf16), so host memory stays at 2 bytes per weight.
+        model = RWKV6.from_checkpoint(args.load_model, dtype=torch.bfloat16 if bf16 else torch.float32)
+        if args.peft == "none":
+            for p in model.parameters():
+                p.requires_grad_(True)
+        else:
+            torch.manual_seed(args.random_seed)
+            apply_peft(model, args.peft, **A.peft_options(args))
+            mark_trainable(model, A.train_parts(args))
+    with torch.no_grad():
+        for p in model.parameters():
+            # What trains stays fp32 (DeepSpeed bf16 keeps its own fp32 masters); frozen weights shrink.
+            want = torch.float32 if (p.requires_grad or not bf16) else torch.bfloat16
+            if p.dtype != want:
+                p.data = p.data.to(want)
+    model.grad_cp = bool(args.grad_cp)
+    return model
+
+
+def _env_rank_zero() -> bool:
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
+@dataclass
+class TrainRun:
+    trainer: Any  # pl.Trainer
+    module: Any  # RWKVTrainModule
+    recorder: RunRecorder
+    args: argparse.Namespace
+
+
+def run(args: argparse.Namespace) -> int:
+    """train.py's whole job: dry run, or build and fit; 1 when the loss stops being finite."""
+    if args.dry_run:
+        return dry_run(args)
+    tr = build_run(args)
+    return 0 if tr is None else fit_run(tr)
+
+
+def fit_run(tr: TrainRun) -> int:
+    from .module import NonFiniteLoss
+
+    try:
+        tr.trainer.fit(tr.module)
+    except NonFiniteLoss as e:
+        print(f"error: {e}", flush=True)
+        return 1
+    if tr.trainer.is_global_zero and tr.recorder.saved_epochs:
+        print(f"saved {os.path.join(tr.args.proj_dir, f'rwkv-{max(tr.recorder.saved_epochs)}.pth')}")
+    return 0
+
+
+def remove_stale_temporaries(proj_dir: str) -> None:
+    """Temporary siblings (.NAME.tmpPID) left by a run killed while writing; the real files are intact."""
+    for name in os.listdir(proj_dir):
+        if name.startswith(".") and ".tmp" in name and os.path.isfile(os.path.join(proj_dir, name)):
+            os.remove(os.path.join(proj_dir, name))
+
+
+def build_run(args: argparse.Namespace) -> TrainRun | None:
+    """Check the data, load the model (+ adapters, + resumed state), build the Trainer; None when a
+    resumed run has nothing left to do."""
+    import pytorch_lightning as pl
+
+    from .data import open_sampler
+    from .module import RWKVTrainModule
+
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+    accelerator = resolve_accelerator(args.accelerator)
+    if accelerator == "gpu" and not torch.cuda.is_available():
+        raise UserError("--accelerator gpu was requested but CUDA is not available; use --accelerator cpu")
+    deepspeed_on = is_deepspeed(args.strategy)
+    bf16 = A.precision_mode(args) == "bf16"
+    world_size = args.devices * args.num_nodes
+    tokens_per_step = args.micro_bsz * args.accumulate_grad_batches * world_size * args.ctx_len
+    total_steps = args.epoch_count * args.epoch_steps
+    if args.my_exit_tokens:
+        total_steps = min(total_steps, math.ceil(args.my_exit_tokens / tokens_per_step))
+
+    sampler = open_sampler(args.data_file, args.data_type, args.ctx_len, args.random_seed, args.magic_prime)
+    os.makedirs(args.proj_dir, exist_ok=True)
+    if not os.access(args.proj_dir, os.W_OK):
+        raise UserError(f"--proj_dir {args.proj_dir} is not writable; choose another folder")
+
+    resume_info = None
+    start_step = 0
+    if args.resume:
+        resume_info = ck.find_state(args.proj_dir, deepspeed_on)
+        ck.check_resume_settings(resume_info.get("settings", {}), args)
+        if resume_info.get("world_size", world_size) != world_size:
+            raise UserError(f"--resume: the saved run used {resume_info['world_size']} processes "
+                            f"(--devices x --num_nodes) but this one has {world_size}; resume with the same count")
+        start_step = int(resume_info["step"])
+        if start_step >= total_steps:
+            print(f"the run in {args.proj_dir} already finished all {total_steps} steps; nothing to do")
+            return None
+
+    config = model_config(args)
+    model = build_model(args, config, bf16)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    optimizer_state = None
+    if resume_info is not None and resume_info["kind"] == "plain":
+        ck.load_plain_trainables(model, resume_info)
+        optimizer_state = resume_info["optimizer"]
+
+    if _env_rank_zero():
+        remove_stale_temporaries(args.proj_dir)
+        model_name = args.model_preset or f"L{config.n_layer}-D{config.n_embd}"
+        write_run_settings(args, os.path.join(args.proj_dir, "run.json"),
+                           {"model": model_name, "trainable_params": n_train, "total_steps": total_steps,
+                            "tokens_per_step": tokens_per_step})
+        print(f"model: {describe(config)}; method: {A.method_label(args)}; trainable parameters: {n_train:,}")
+        print(f"steps {start_step} -> {total_steps}, {tokens_per_step:,} tokens per step, "
+              f"strategy {args.strategy} on {accelerator}, precision {A.precision_mode(args)}")
+
+    offload = deepspeed_on and DEEPSPEED_STAGES[args.strategy][1]
+    module = RWKVTrainModule(model, args, start_step=start_step, total_steps=total_steps,
+                             optimizer_state=optimizer_state, offload_optimizer=offload,
+                             autocast_bf16=bf16 and not deepspeed_on)
+    module.sampler = sampler
+    run_name = f"rwkv6-{args.model_preset or f'L{config.n_layer}-D{config.n_embd}'} " \
+               f"{A.method_label(args)} ctx{args.ctx_len}"
+    recorder = RunRecorder(args, start_step=start_step, total_steps=total_steps, tokens_per_step=tokens_per_step,
+                           deepspeed_on=deepspeed_on, full_model=args.peft == "none", run_name=run_name,
+                           resume_info=resume_info, full_dtype=torch.bfloat16 if bf16 else torch.float32)
+    recorder.init_factors = ck.init_factor_buffers(model)
+    trainer = pl.Trainer(
+        accelerator=accelerator,
+        devices=args.devices,
+        num_nodes=args.num_nodes,
+        strategy=build_strategy(args.strategy, accelerator),
+        precision=("bf16-mixed" if bf16 else "32-true") if deepspeed_on else "32-true",
+        max_steps=total_steps - start_step,
+        max_epochs=1,
+        accumulate_grad_batches=args.accumulate_grad_batches,
+        gradient_clip_val=args.grad_clip or None,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=bool(args.progress),
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        num_sanity_val_steps=0,
+        callbacks=[recorder],
+    )
+    return TrainRun(trainer, module, recorder, args)
