@@ -89,6 +89,15 @@ def test_bfloat16_inputs_return_bfloat16_output_and_float32_state():
     assert_close_all(got, want, 3e-2)  # bf16 rounding of y and of the gradients
 
 
+def test_enclosing_bf16_autocast_does_not_change_the_float32_result():
+    inputs = [x.float() for x in make_inputs(1, 37, 2, 8, seed=5)]
+    want = run_with_grads(wkv6, inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = run_with_grads(wkv6, inputs)
+    assert got[0].dtype == torch.float32
+    assert_close_all(got, want, 1e-6)
+
+
 def test_non_contiguous_inputs_give_the_same_result():
     inputs = make_inputs(2, 21, 3, 8, seed=11)
     want = run_with_grads(wkv6_reference, inputs)

@@ -198,7 +198,8 @@ class WKV6Chunked(torch.autograd.Function):
         nc, B, H, L, N = rc.shape
         gyc = rc.new_zeros(rc.shape) if gy is None else _to_chunks(gy.to(rc.dtype), nc, L)
         g_final = rc.new_zeros(B, H, N, N) if g_final is None else g_final.to(rc.dtype)
-        gr, gk, gv, glw, gu, g_state = _backward(rc, kc, vc, u, ctx.chunks, P, S_all, gyc, g_final)
+        with torch.autocast(device_type=rc.device.type, enabled=False):
+            gr, gk, gv, glw, gu, g_state = _backward(rc, kc, vc, u, ctx.chunks, P, S_all, gyc, g_final)
         T = ctx.T
         gw = _from_chunks(glw, T).mul_(lw)
         return (_from_chunks(gr, T), _from_chunks(gk, T), _from_chunks(gv, T), gw, gu, g_state,
@@ -221,7 +222,9 @@ def wkv6_chunked(
     s0 = r.new_zeros(B, H, N, N, dtype=dt) if state is None else state.to(dt)
     if T == 0:
         return r.new_zeros(B, 0, H, N), s0.clone()
-    y, S = WKV6Chunked.apply(
-        r.to(dt), k.to(dt), v.to(dt), w.to(dt), u.to(dt), s0, chunk, strong_limit
-    )
+    # The algorithm chooses its own precision; an enclosing autocast must not recast its matmuls.
+    with torch.autocast(device_type=r.device.type, enabled=False):
+        y, S = WKV6Chunked.apply(
+            r.to(dt), k.to(dt), v.to(dt), w.to(dt), u.to(dt), s0, chunk, strong_limit
+        )
     return y.to(r.dtype), S
