@@ -11,9 +11,6 @@ atomically (an existing OUT is only replaced by a complete file).
 from __future__ import annotations
 
 import argparse
-import os
-
-import torch
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,20 +28,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from rwkv_bone.checkpoint import load_state_dict
-    from rwkv_bone.cli import atomic_path, check_writable_dir
+    from rwkv_bone.cli import check_writable_dir, torch_save_atomic
     from rwkv_bone.peft.adapter_io import merge_state_dict, read_adapter_file
 
     check_writable_dir(args.output, "output")
     af = read_adapter_file(args.adapter, args.lora_alpha, args.pissa_init)
     base = load_state_dict(args.base)
     merged = merge_state_dict(base, af)
-    tmp = atomic_path(args.output)
-    try:
-        torch.save(merged, tmp)
-        os.replace(tmp, args.output)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    torch_save_atomic(merged, args.output)
     mode = f" ({af.meta['bone_mode']}, b={af.meta['bone_b']})" if af.meta["method"] == "bone" else ""
     print(f"merged {len(af.layers)} {af.meta['method']}{mode} layers and {len(af.others)} trained "
           f"tensors into {args.output}")

@@ -268,14 +268,7 @@ class RWKV6(nn.Module):
 
     def save_checkpoint(self, path: str | os.PathLike, dtype: Optional[torch.dtype] = None) -> None:
         """Write an official-layout .pth (loadable by the `rwkv` package), atomically."""
-        from .cli import atomic_path, check_writable_dir
+        from .cli import check_writable_dir, torch_save_atomic
 
         check_writable_dir(path, "checkpoint")
-        sd = self.official_state_dict(dtype)
-        tmp = atomic_path(path)
-        try:
-            torch.save(sd, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        torch_save_atomic(self.official_state_dict(dtype), path)

@@ -61,7 +61,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, extra_meta: dict | None = None) -> None:
     """Write the trained tensors (+ PiSSA/OLoRA init factors and the settings) atomically."""
-    from ..cli import atomic_path, check_writable_dir
+    from ..cli import check_writable_dir, torch_save_atomic
 
     config = getattr(model, "peft_config", None)
     if config is None or not adapter_modules(model):
@@ -76,13 +76,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, extra_meta: dict | N
     if extra_meta:
         meta["extra"] = extra_meta
     sd[META_KEY] = json.dumps(meta, default=str)
-    tmp = atomic_path(path)
-    try:
-        torch.save(sd, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    torch_save_atomic(sd, path)
 
 
 def _load_tensor_dict(path: str, what: str) -> dict:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from .fold import fold_into_linear
 
 BONE_MODES = ("row", "col", "ab")
 
@@ -214,15 +215,9 @@ class BoneLinear(nn.Module):
             return bone_delta(w, self.bone_a.float(), "ab", self.bone_b.float())
         return bone_delta(w, self.bone.float(), self.mode)
 
-    @torch.no_grad()
     def merged_linear(self) -> nn.Linear:
         """A plain nn.Linear holding W + delta, reusing this layer's weight storage."""
-        w = self.weight
-        w.copy_((w.float() + self.delta_weight()).to(w.dtype))
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device="meta")
-        lin.weight, lin.bias = w, self.bias
-        return lin
+        return fold_into_linear(self)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, b={self.b}, mode={self.mode}"

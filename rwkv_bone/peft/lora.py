@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from .fold import fold_into_linear
 
 LORA_INITS = ("lora", "pissa", "olora")
 
@@ -106,15 +107,9 @@ class LoraLinear(nn.Module):
         """delta (out, in) in float32 relative to the weight currently held (W or W_res)."""
         return lora_delta(self.lora_A.float(), self.lora_B.float(), self.scale)
 
-    @torch.no_grad()
     def merged_linear(self) -> nn.Linear:
         """A plain nn.Linear holding W0 + scale B A, reusing this layer's weight storage."""
-        w = self.weight
-        w.copy_((w.float() + self.delta_weight()).to(w.dtype))
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device="meta")
-        lin.weight, lin.bias = w, self.bias
-        return lin
+        return fold_into_linear(self)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, r={self.r}, "

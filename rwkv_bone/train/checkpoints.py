@@ -20,11 +20,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
-from ..cli import atomic_path
+from ..cli import text_atomic, torch_save_atomic
 from ..errors import UserError
 from .strategy import full_fp32_param
 
@@ -37,31 +37,6 @@ STATE_FORMAT = "rwkv-bone-train-state"
 RESUME_KEYS = ("data_file", "data_type", "ctx_len", "micro_bsz", "accumulate_grad_batches", "epoch_steps",
                "random_seed", "peft", "bone_b", "bone_mode", "lora_r", "pissa_r",
                "train_parts", "magic_prime", "load_model")
-
-
-def write_atomic(path: str, write: Callable[[str], None]) -> None:
-    """write(tmp) then fsync and os.replace(tmp, path); the temporary file never outlives a failure."""
-    tmp = atomic_path(path)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def torch_save_atomic(obj: Any, path: str) -> None:
-    write_atomic(path, lambda tmp: torch.save(obj, tmp))
-
-
-def text_atomic(text: str, path: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    write_atomic(path, write)
 
 
 def trained_tensors(model: torch.nn.Module, deepspeed_on: bool) -> dict[str, torch.Tensor]:
