@@ -1,0 +1,240 @@
+"""Text generation with an RWKV-6 model: the prompt goes through once, then one token at a time
+with the carried recurrent state (no growing cache, constant cost per token).
+
+    logits, state = feed(prompt)                       # in chunks; only the last logits are kept
+    repeat: t = sample_next(logits); stop on end-of-document (id 0) or a stop string
+            logits, state = feed([t], state)
+
+Sampling (`sample_next`), over the model's logits l (V,):
+    temperature 0: greedy, argmax l.
+    otherwise: p = softmax(l / temperature); sort p descending; keep each token whose preceding
+    mass (sum of the more likely ones) is < top_p, so the top token always stays and top_p = 1
+    keeps everything (the "nucleus"); renormalise and draw with a seeded generator.
+
+Streaming (`stream_text`): a World token is a byte string and may end inside a UTF-8 character, so
+text is released only once its bytes decode cleanly; a tail that could still grow into a stop string
+is held back until it either completes the stop string (generation ends before it) or cannot.
+"""
+from __future__ import annotations
+
+import codecs
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import UserError
+from .model import RWKV6, LayerState
+
+EOD_ID = 0                # end of document: generation always stops here
+DEFAULT_TOP_P = 0.85      # the nucleus the RWKV reference demos use
+PROMPT_CHUNK = 256        # prompt tokens per forward: bounds the (T, V) logits held at once
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def check_sampling(temperature: float, top_p: float) -> None:
+    """Refuse settings that have no meaning: temperature < 0 or top_p outside (0, 1]."""
+    if not temperature >= 0:  # also catches NaN
+        raise UserError(f"temperature {temperature} is negative; use 0 for greedy decoding or a "
+                        "positive value such as 1.0")
+    if not 0 < top_p <= 1:
+        raise UserError(f"top_p {top_p} is outside (0, 1]; use e.g. 0.85 (1 keeps every token)")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A torch.device that exists on this machine, or a UserError naming the fix."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"unknown device {device!r}; use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("CUDA was asked for but this PyTorch sees no usable NVIDIA GPU; "
+                        "use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"device {device!r} is not supported for generation; use cpu or cuda")
+    return dev
+
+
+def load_model(path: str, adapter: Optional[str] = None, *, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu", lora_alpha: Optional[float] = None,
+               pissa_init: Optional[str] = None) -> RWKV6:
+    """An RWKV-6 model ready for inference, with `adapter` (ours or RWKV-PEFT's) folded into its
+    weights, so it runs exactly as fast as the base model. The merge is computed in float32 from
+    the wider of the checkpoint's and the requested dtype (as merge.py does)."""
+    dev = resolve_device(device)
+    if adapter is None:
+        return RWKV6.from_checkpoint(path, dtype=dtype, device=dev).eval()
+
+    from .checkpoint import load_state_dict
+    from .config import RWKV6Config
+    from .peft.adapter_io import merge_state_dict, read_adapter_file
+
+    af = read_adapter_file(adapter, lora_alpha, pissa_init)
+    base = load_state_dict(path)
+    # bf16 release + fp32 run: merge into fp32 weights, not into bf16 ones rounded again later.
+    base = {k: v.to(torch.promote_types(v.dtype, dtype)) for k, v in base.items()}
+    sd = merge_state_dict(base, af)
+    with torch.device("meta"):
+        model = RWKV6(RWKV6Config.from_state_dict(sd))
+    model.load_state_dict({k: sd[k].to(device=dev, dtype=dtype) for k in model.state_dict()},
+                          assign=True)
+    return model.eval()
+
+
+def sample_next(logits: Tensor, temperature: float = 1.0, top_p: float = 1.0,
+                generator: Optional[torch.Generator] = None) -> int:
+    """One token id from logits (V,) (see the module docstring); computed on the CPU in float32 so
+    a seed gives the same draws on every device."""
+    logits = logits.detach().float().cpu()
+    if temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / temperature, dim=-1)  # (V,)
+    if top_p >= 1:
+        return int(torch.multinomial(probs, 1, generator=generator))
+    sorted_p, order = torch.sort(probs, descending=True)  # (V,), (V,)
+    before = torch.cumsum(sorted_p, dim=0) - sorted_p     # mass of the strictly more likely tokens
+    nucleus = torch.where(before < top_p, sorted_p, torch.zeros_like(sorted_p))
+    return int(order[torch.multinomial(nucleus, 1, generator=generator)])
+
+
+def feed(model: RWKV6, ids: Sequence[int], state: Optional[list[LayerState]] = None,
+         chunk: int = PROMPT_CHUNK) -> tuple[Tensor, list[LayerState]]:
+    """Run `ids` through the model after `state`; returns the logits (V,) at the last token and the
+    state after it. Pieces of `chunk` tokens give the same result as one pass (the state carries)."""
+    if len(ids) == 0:
+        raise UserError("nothing to feed the model; pass at least one token")
+    device = model.emb.weight.device
+    logits = None
+    for start in range(0, len(ids), chunk):
+        idx = torch.tensor([list(ids[start:start + chunk])], dtype=torch.long, device=device)  # (1, t)
+        out, state = model.forward_with_state(idx, state)  # (1, t, V)
+        logits = out[0, -1]
+    return logits, state
+
+
+@torch.inference_mode()
+def generate_tokens(model: RWKV6, prompt_ids: Sequence[int], max_tokens: int = 200, *,
+                    temperature: float = 1.0, top_p: float = DEFAULT_TOP_P,
+                    seed: Optional[int] = None, stop_ids: Sequence[int] = (EOD_ID,),
+                    vocab_limit: Optional[int] = None) -> Iterator[int]:
+    """Yield up to `max_tokens` new token ids after `prompt_ids`, ending early (without yielding it)
+    at a token in `stop_ids`. Ids >= `vocab_limit` (those the tokenizer cannot decode) are never
+    drawn. seed None draws a fresh random seed."""
+    check_sampling(temperature, top_p)
+    if max_tokens < 0:
+        raise UserError(f"max_tokens {max_tokens} is negative; ask for 0 or more new tokens")
+    if len(prompt_ids) == 0:
+        raise UserError("the prompt is empty; give the model some text to continue")
+    V = model.config.vocab_size
+    bad = [i for i in prompt_ids if not 0 <= int(i) < V]
+    if bad:
+        raise UserError(f"prompt token id {bad[0]} is outside the model's vocabulary (0..{V - 1}); "
+                        "use the tokenizer the model was trained with")
+    gen = torch.Generator()
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    stops = set(int(i) for i in stop_ids)
+    logits, state = feed(model, prompt_ids)
+    for n in range(max_tokens):
+        if vocab_limit is not None and vocab_limit < V:
+            logits = logits.clone()
+            logits[vocab_limit:] = float("-inf")
+        token = sample_next(logits, temperature, top_p, gen)
+        if token in stops:
+            return
+        yield token
+        if n + 1 < max_tokens:
+            logits, state = feed(model, [token], state)
+
+
+class TextStream:
+    """Token ids in, printable text out, never half a UTF-8 character. World tokenizers give bytes
+    (decoded incrementally); others (tokenizer.json) are decoded whole and released when the text
+    does not end in an incomplete character (U+FFFD)."""
+
+    def __init__(self, tokenizer) -> None:
+        self._tok = tokenizer
+        self._bytes = getattr(tokenizer, "decode_bytes", None)
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._ids: list[int] = []
+        self._released = 0  # characters of decode(self._ids) already returned (non-byte path)
+
+    def push(self, token: int) -> str:
+        if self._bytes is not None:
+            return self._utf8.decode(self._bytes([token]))
+        self._ids.append(token)
+        text = self._tok.decode(self._ids)
+        if text.endswith("\ufffd"):
+            return ""
+        return self._take(text)
+
+    def finish(self) -> str:
+        """Whatever is left (an incomplete final character becomes U+FFFD)."""
+        if self._bytes is not None:
+            return self._utf8.decode(b"", final=True)
+        return self._take(self._tok.decode(self._ids)) if self._ids else ""
+
+    def _take(self, text: str) -> str:
+        new, self._released = text[self._released:], max(self._released, len(text))
+        return new
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> Optional[int]:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of a stop string."""
+    return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1)
+                if text.endswith(s[:k])), default=0)
+
+
+def stream_text(model: RWKV6, tokenizer, prompt: str, max_tokens: int = 200, *,
+                temperature: float = 1.0, top_p: float = DEFAULT_TOP_P, seed: Optional[int] = None,
+                stop: Sequence[str] = ()) -> Iterator[str]:
+    """Yield the continuation of `prompt` piece by piece as it can be printed. Ends at the
+    end-of-document token, after `max_tokens` tokens, or just before the first stop string."""
+    if not prompt:
+        raise UserError("the prompt is empty; give the model some text to continue")
+    ids = tokenizer.encode(prompt)
+    stops = [s for s in stop if s]
+    limit = min(model.config.vocab_size, tokenizer.vocab_size)
+    text = TextStream(tokenizer)
+    pending = ""  # decoded but not yet released: it may be the start of a stop string
+    tokens = generate_tokens(model, ids, max_tokens, temperature=temperature, top_p=top_p,
+                             seed=seed, vocab_limit=limit)
+    for piece in _pieces(tokens, text):
+        pending += piece
+        cut = _first_stop(pending, stops)
+        if cut is not None:
+            if cut:
+                yield pending[:cut]
+            return
+        ready = len(pending) - _held_back(pending, stops)
+        if ready:
+            yield pending[:ready]
+            pending = pending[ready:]
+    if pending:
+        yield pending
+
+
+def _pieces(tokens: Iterator[int], text: TextStream) -> Iterator[str]:
+    for t in tokens:
+        yield text.push(t)
+    yield text.finish()
+
+
+def generate(model: RWKV6, tokenizer, prompt: str, max_tokens: int = 200, *,
+             temperature: float = 1.0, top_p: float = DEFAULT_TOP_P, seed: Optional[int] = None,
+             stop: Sequence[str] = ()) -> str:
+    """The whole continuation of `prompt` as one string (see `stream_text`)."""
+    return "".join(stream_text(model, tokenizer, prompt, max_tokens, temperature=temperature,
+                               top_p=top_p, seed=seed, stop=stop))
+
+
+__all__ = ["EOD_ID", "DEFAULT_TOP_P", "DTYPES", "check_sampling", "resolve_device", "load_model",
+           "sample_next", "feed", "generate_tokens", "TextStream", "stream_text", "generate"]
