@@ -43,6 +43,7 @@ from rwkv_bone.config import RWKV6Config, default_dim_ffn  # noqa: E402
 from rwkv_bone.model import RWKV6  # noqa: E402
 from rwkv_bone.peft import apply_peft, count_trainable  # noqa: E402
 from rwkv_bone.train.module import optimizer_groups, token_loss  # noqa: E402
+from rwkv_bone.train.run import cast_for_training  # noqa: E402
 
 # Paper Table 6 (one RTX 4090, batch 1, ctx 512): (GPU memory MB, kt/s).
 PAPER_TABLE6 = {
@@ -96,11 +97,7 @@ def build_model(config: RWKV6Config, label: str, args: argparse.Namespace, devic
         model = model.to(torch.bfloat16)  # train.py loads the base checkpoint in bf16
     method, options = peft_options(label, args)
     apply_peft(model, method, **options)
-    with torch.no_grad():  # the cast loop of rwkv_bone.train.run.build_model
-        for p in model.parameters():
-            want = torch.float32 if (p.requires_grad or not bf16) else torch.bfloat16
-            if p.dtype != want:
-                p.data = p.data.to(want)
+    cast_for_training(model, bf16)  # as train.py does
     model.grad_cp = grad_cp
     return model.train()
 

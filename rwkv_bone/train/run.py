@@ -82,14 +82,19 @@ def build_model(args: argparse.Namespace, config, bf16: bool) -> torch.nn.Module
             torch.manual_seed(args.random_seed)
             apply_peft(model, args.peft, **A.peft_options(args))
             mark_trainable(model, A.train_parts(args))
-    with torch.no_grad():
-        for p in model.parameters():
-            # What trains stays fp32 (DeepSpeed bf16 keeps its own fp32 masters); frozen weights shrink.
-            want = torch.float32 if (p.requires_grad or not bf16) else torch.bfloat16
-            if p.dtype != want:
-                p.data = p.data.to(want)
+    cast_for_training(model, bf16)
     model.grad_cp = bool(args.grad_cp)
     return model
+
+
+@torch.no_grad()
+def cast_for_training(model: torch.nn.Module, bf16: bool) -> None:
+    """What trains stays fp32 (DeepSpeed bf16 keeps its own fp32 masters); with bf16, frozen
+    weights shrink to bf16."""
+    for p in model.parameters():
+        want = torch.float32 if (p.requires_grad or not bf16) else torch.bfloat16
+        if p.dtype != want:
+            p.data = p.data.to(want)
 
 
 def _env_rank_zero() -> bool:
