@@ -67,19 +67,13 @@ def load_model(path: str, adapter: Optional[str] = None, *, dtype: torch.dtype =
         return RWKV6.from_checkpoint(path, dtype=dtype, device=dev).eval()
 
     from .checkpoint import load_state_dict
-    from .config import RWKV6Config
     from .peft.adapter_io import merge_state_dict, read_adapter_file
 
     af = read_adapter_file(adapter, lora_alpha, pissa_init)
     base = load_state_dict(path)
     # bf16 release + fp32 run: merge into fp32 weights, not into bf16 ones rounded again later.
     base = {k: v.to(torch.promote_types(v.dtype, dtype)) for k, v in base.items()}
-    sd = merge_state_dict(base, af)
-    with torch.device("meta"):
-        model = RWKV6(RWKV6Config.from_state_dict(sd))
-    model.load_state_dict({k: sd[k].to(device=dev, dtype=dtype) for k in model.state_dict()},
-                          assign=True)
-    return model.eval()
+    return RWKV6.from_state_dict(merge_state_dict(base, af), dtype=dtype, device=dev).eval()
 
 
 def sample_next(logits: Tensor, temperature: float = 1.0, top_p: float = 1.0,

@@ -229,7 +229,17 @@ class RWKV6(nn.Module):
         (then they are ignored)."""
         from .checkpoint import load_state_dict
 
-        sd = load_state_dict(path, allow_extra_keys=allow_extra_keys)
+        return cls.from_state_dict(load_state_dict(path, allow_extra_keys=allow_extra_keys), dtype, device)
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        sd: dict[str, Tensor],
+        dtype: Optional[torch.dtype] = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> "RWKV6":
+        """A model holding `sd` (official layout, prefixes already stripped, e.g. by
+        rwkv_bone.checkpoint.load_state_dict); dims from its shapes, dtype None keeps each tensor's."""
         config = RWKV6Config.from_state_dict(sd)
         with torch.device("meta"):
             model = cls(config)
