@@ -9,7 +9,7 @@ import torch
 
 from conftest import random_model
 from rwkv_bone.errors import UserError
-from rwkv_bone.peft import adapter_modules, apply_peft, load_adapter, mark_trainable, read_adapter_file
+from rwkv_bone.peft import apply_peft, load_adapter, mark_trainable, read_adapter_file
 from rwkv_bone.peft.adapter_io import adapter_state_dict, merge_state_dict
 
 IDX = torch.tensor([[1, 5, 17, 99, 3, 250, 42, 7]])

@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 
-import torch
 from torch import Tensor
 
 from ...errors import UserError
