@@ -57,7 +57,7 @@ def train(method: str, lr: float, steps: int, seed: int, **options) -> float:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     tail = losses[-10:]
     return sum(tail) / len(tail) if all(math.isfinite(v) for v in tail) else float("nan")
 
@@ -68,16 +68,17 @@ def main() -> None:
     p.add_argument("--lrs", default="1e-4,1e-3,1e-2,1e-1,1")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bone", type=int, default=1, help="1: also the Bone rows, for scale")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    start = train("state", 1e-12, 10, args.seed)      # ~ the untrained loss
+    start = train("state", 0.0, 10, args.seed)         # lr 0: the untrained loss
     print(f"{args.steps} steps, batch 8 x 64 tokens; loss = mean of the last 10 steps; "
           f"untrained ~ {start:.3f} (ln V = {math.log(256):.3f})")
     print(f"{'method':<14} {'lr':>8} {'loss':>8}")
     for lr in (float(v) for v in args.lrs.split(",")):
         print(f"{'state':<14} {lr:8.0e} {train('state', lr, args.steps, args.seed):8.3f}", flush=True)
-    for lr in (2e-5, 1e-3):
+    for lr in (2e-5, 1e-3) if args.bone else ():
         print(f"{'bone b=32':<14} {lr:8.0e} {train('bone', lr, args.steps, args.seed, bone_b=32):8.3f}", flush=True)
     print(f"({time.time() - t0:.0f} s)")
 

@@ -18,7 +18,7 @@ ADAPTER_FORMATS = ("ours", "peft")
 # --lr_init when not given: adapters (and full fine-tuning) vs state tuning, whose (H, N, N) states
 # need a far larger step (measured in bench/bench_state_lr.py, see the README).
 DEFAULT_LR = 2e-5
-DEFAULT_STATE_LR = 1e-2
+DEFAULT_STATE_LR = 1.0
 TRAIN_PARTS = ("time", "ln", "emb", "head")
 LR_SCHEDULES = ("constant", "linear", "cosine", "exp")
 STRATEGIES = (
