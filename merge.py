@@ -45,10 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         merged = merge_state_dict(merged, af)
     torch_save_atomic(merged, args.output)
     for af in files:
-        what = get_method(af.meta["method"]).label(af.meta) if af.layers else af.meta["method"]
-        states = f", {len(af.states)} learned initial states" if af.states else ""
-        print(f"merged {len(af.layers)} {what} layers{states} and {len(af.others)} trained tensors "
-              f"from {af.path} into {args.output}")
+        parts = [f"{len(af.layers)} {get_method(af.meta['method']).label(af.meta)} layers"] if af.layers else []
+        parts += [f"{len(af.states)} learned initial states"] if af.states else []
+        parts += [f"{len(af.others)} trained tensors"]
+        print(f"merged {', '.join(parts)} from {af.path} into {args.output}")
     return 0
 
 
