@@ -18,6 +18,7 @@ is held back until it either completes the stop string (generation ends before i
 from __future__ import annotations
 
 import codecs
+import math
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -35,9 +36,14 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def check_sampling(temperature: float, top_p: float) -> None:
     """Refuse settings that have no meaning: temperature < 0 or top_p outside (0, 1]."""
-    if not temperature >= 0:  # also catches NaN
+    if not math.isfinite(temperature):
+        raise UserError(f"temperature {temperature} is not a finite number; use 0 for greedy decoding "
+                        "or a positive value such as 1.0")
+    if temperature < 0:
         raise UserError(f"temperature {temperature} is negative; use 0 for greedy decoding or a "
                         "positive value such as 1.0")
+    if math.isnan(top_p):
+        raise UserError("top_p nan is not a number; use a value in (0, 1] such as 0.85 (1 keeps every token)")
     if not 0 < top_p <= 1:
         raise UserError(f"top_p {top_p} is outside (0, 1]; use e.g. 0.85 (1 keeps every token)")
 

@@ -198,6 +198,8 @@ def validate(args: argparse.Namespace) -> None:
         if args.model_preset:
             raise UserError("--model_preset is only for training from scratch or --dry_run; the dims of "
                             "--load_model are read from the checkpoint, so drop --model_preset")
+        if os.path.isdir(args.load_model):
+            raise UserError(f"--load_model {args.load_model} is a folder; give the path of the RWKV-6 .pth file itself")
         if not os.path.isfile(args.load_model):
             raise UserError(f"--load_model {args.load_model} does not exist; give the path of an RWKV-6 .pth file")
     else:
