@@ -72,14 +72,19 @@ def load_model(path: str, adapter: Optional[str] = None, *, dtype: torch.dtype =
     if adapter is None:
         return RWKV6.from_checkpoint(path, dtype=dtype, device=dev).eval()
 
-    from .checkpoint import load_state_dict
+    from .checkpoint import first_non_finite, load_state_dict
     from .peft.adapter_io import merge_state_dict, read_adapter_file
 
     af = read_adapter_file(adapter, lora_alpha, pissa_init)
     base = load_state_dict(path)
     # bf16 release + fp32 run: merge into fp32 weights, not into bf16 ones rounded again later.
     base = {k: v.to(torch.promote_types(v.dtype, dtype)) for k, v in base.items()}
-    return RWKV6.from_state_dict(merge_state_dict(base, af), dtype=dtype, device=dev).eval()
+    merged = merge_state_dict(base, af)
+    bad = first_non_finite(merged)
+    if bad is not None:
+        raise UserError(f"folding {adapter} into {path} gives NaN or infinite values in {bad} (adapter "
+                        "values too large, or a wrong --lora_alpha?); check the adapter")
+    return RWKV6.from_state_dict(merged, dtype=dtype, device=dev).eval()
 
 
 def sample_next(logits: Tensor, temperature: float = 1.0, top_p: float = 1.0,

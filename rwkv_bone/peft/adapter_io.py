@@ -19,6 +19,7 @@ PiSSA/OLoRA W - B0 A0 + B A.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
@@ -98,6 +99,8 @@ def read_adapter_file(path: str | os.PathLike, lora_alpha: float | None = None,
                       init_path: str | os.PathLike | None = None) -> AdapterFile:
     """Parse one of our adapter files or a peer one (see the module docstring)."""
     path = os.fspath(path)
+    if lora_alpha is not None and not math.isfinite(lora_alpha):
+        raise UserError(f"--lora_alpha {lora_alpha} is not a finite number; give the alpha used in training")
     raw = _load_tensor_dict(path, "adapter")
     meta_text = raw.pop(META_KEY, None)
     bad = [k for k, v in raw.items() if not isinstance(v, Tensor)]

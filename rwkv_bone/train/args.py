@@ -6,6 +6,7 @@ reported as one `UserError` sentence; file-level checks live next to the code th
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from typing import Sequence
 
@@ -169,6 +170,11 @@ def validate(args: argparse.Namespace) -> None:
                  "n_layer", "n_embd", "vocab_size"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must not be negative, got {getattr(args, name)}")
+    for name in ("lr_init", "lr_final", "beta1", "beta2", "adam_eps", "weight_decay", "grad_clip", "lora_alpha",
+                 "lora_dropout"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise UserError(f"--{name} {value} is not a finite number; give a plain number")
     if args.lr_final is None:
         args.lr_final = args.lr_init
     if args.lr_init <= 0 or args.lr_final < 0:
