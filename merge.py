@@ -36,6 +36,8 @@ def check_output(args: argparse.Namespace) -> None:
     if os.path.isdir(args.output):
         raise UserError(f"--output {args.output} is a folder; give the path of the .pth file to write")
     for flag, path in (("--base", args.base), ("--adapter", args.adapter), ("--pissa_init", args.pissa_init)):
+        if path is not None and flag == "--base" and not os.path.exists(path):
+            path += ".pth"  # load_state_dict also accepts a model named without its .pth suffix
         if path is None or not os.path.exists(args.output) or not os.path.exists(path):
             continue
         if os.path.samefile(args.output, path):

@@ -134,3 +134,12 @@ def test_a_good_merge_still_writes_its_output(inputs, monkeypatch, capsys):
 def unchanged_but(inputs, new: str) -> bool:
     d = inputs["dir"]
     return {n: digest(d / n) for n in os.listdir(d) if n != new} == inputs["digests"]
+
+
+def test_output_naming_the_base_given_without_its_suffix_is_refused(inputs, monkeypatch, capsys):
+    stem = inputs["base"][:-len(".pth")]  # the rwkv package's way of naming a model
+    code, err = merge(monkeypatch, capsys, "--base", stem, "--adapter", inputs["adapter"], "--output", inputs["base"])
+    assert code == 2
+    assert error_line(err) == (f"error: --output {inputs['base']} is the --base file; merging would overwrite it, "
+                               "so choose another output path")
+    assert unchanged(inputs)

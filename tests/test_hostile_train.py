@@ -183,3 +183,50 @@ def test_deepspeed_two_ranks_give_one_vocab_message(files, tmp_path):
     assert r.stdout == ""
     assert "holds token id 100 but the model's vocabulary has 64 ids" in error_line(r.stderr)
     assert not proj.exists()
+
+
+def test_data_file_naming_a_folder_says_it_is_a_folder(files, tmp_path, monkeypatch, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    code, _, err = train(monkeypatch, capsys, base_flags(files["ckpt"], str(data), str(tmp_path / "run")))
+    assert code == 2
+    assert error_line(err) == (f"error: --data_file {data} is a folder; give the binidx prefix of the data in it "
+                               "(PREFIX for PREFIX.bin / PREFIX.idx)")
+    assert listing(tmp_path) == ["data"]
+
+
+@pytest.mark.parametrize("strategy,name,content", [
+    ("deepspeed_stage_2", "last-state.json", "{not json"),
+    ("deepspeed_stage_2", "last-state.json", '{"step": 3}'),
+    ("auto", "last-state.pth", None),  # a torch file without the state's entries
+])
+def test_resume_from_a_damaged_state_is_one_sentence(files, tmp_path, monkeypatch, capsys, strategy, name, content):
+    proj = tmp_path / "run"
+    proj.mkdir()
+    if content is None:
+        torch.save({"format": "rwkv-bone-train-state", "step": 2}, proj / name)
+    else:
+        (proj / name).write_text(content)
+    before = listing(tmp_path)
+    code, _, err = train(monkeypatch, capsys, base_flags(files["ckpt"], files["data"], str(proj), strategy=strategy,
+                                                         resume=True))
+    assert code == 2
+    assert error_line(err).startswith(f"error: --resume: {proj / name} is not a ")
+    assert listing(tmp_path) == before
+
+
+def test_plot_output_naming_a_folder_is_refused(tmp_path, monkeypatch, capsys):
+    from rwkv_bone.cli import run_cli
+    from rwkv_bone.plot import main as plot_main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.csv").write_text("step,loss,lr,tokens,kt/s,peak_mem_mb\n1,2.0,0.1,16,1.0,1.0\n")
+    out = tmp_path / "figures"
+    out.mkdir()
+    monkeypatch.setattr(sys, "argv", ["plot", str(run), "--output", str(out)])
+    with pytest.raises(SystemExit) as e:
+        run_cli(plot_main)
+    assert e.value.code == 2
+    assert error_line(capsys.readouterr().err) == f"error: --output {out} is a folder; give the path of the .png file to write"
+    assert listing(tmp_path) == ["figures", "run", "run/metrics.csv"]

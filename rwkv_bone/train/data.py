@@ -170,6 +170,13 @@ def open_sampler(data_file: str, data_type: str, ctx_len: int, seed: int, magic_
     return RandomWindows(reader, ctx_len, seed)
 
 
+def check_data_prefix(data_file: str) -> None:
+    """A folder given as --data_file gets its own sentence (not "PREFIX.bin does not exist")."""
+    if os.path.isdir(data_file):
+        raise UserError(f"--data_file {data_file} is a folder; give the binidx prefix of the data in it "
+                        "(PREFIX for PREFIX.bin / PREFIX.idx)")
+
+
 def check_token_ids(data_file: str, vocab_size: int) -> None:
     """Refuse data holding ids the model has no embedding for (an IndexError mid-run otherwise, or
     silent training when the bad document is sampled late): all of the .bin is checked, once."""

@@ -182,7 +182,7 @@ def build_run(args: argparse.Namespace) -> TrainRun | None:
     resumed run has nothing left to do."""
     import pytorch_lightning as pl
 
-    from .data import check_token_ids, open_sampler
+    from .data import check_data_prefix, check_token_ids, open_sampler
     from .module import RWKVTrainModule
 
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
@@ -200,6 +200,7 @@ def build_run(args: argparse.Namespace) -> TrainRun | None:
         total_steps = min(total_steps, math.ceil(args.my_exit_tokens / tokens_per_step))
 
     # Everything that can be refused is refused before the first file is written.
+    check_data_prefix(args.data_file)
     sampler = open_sampler(args.data_file, args.data_type, args.ctx_len, args.random_seed, args.magic_prime)
     config, base_sd = load_base(args)
     check_token_ids(args.data_file, config.vocab_size)
