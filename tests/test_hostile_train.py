@@ -230,3 +230,17 @@ def test_plot_output_naming_a_folder_is_refused(tmp_path, monkeypatch, capsys):
     assert e.value.code == 2
     assert error_line(capsys.readouterr().err) == f"error: --output {out} is a folder; give the path of the .png file to write"
     assert listing(tmp_path) == ["figures", "run", "run/metrics.csv"]
+
+
+def test_a_run_reads_the_checkpoint_once(files, tmp_path, monkeypatch):
+    import rwkv_bone.checkpoint as ckpt
+    from rwkv_bone.train import parse_args
+    from rwkv_bone.train.run import build_run
+
+    reads = []
+    real = ckpt._torch_load
+    monkeypatch.setattr(ckpt, "_torch_load", lambda path: reads.append(path) or real(path))
+    tr = build_run(parse_args(base_flags(files["ckpt"], files["data"], str(tmp_path / "run"))))
+    assert reads == [files["ckpt"]]
+    base = torch.load(files["ckpt"], weights_only=True)
+    assert torch.equal(tr.module.model.state_dict()["blocks.1.att.key.weight"], base["blocks.1.att.key.weight"])

@@ -9,8 +9,8 @@ Precision (--precision):
 from __future__ import annotations
 
 import argparse
-import math
 import logging
+import math
 import os
 import sys
 import warnings
@@ -220,7 +220,7 @@ def build_run(args: argparse.Namespace) -> TrainRun | None:
             return None
 
     model = build_model(args, config, bf16, base_sd)
-    del base_sd  # the model holds its own (cast) copies
+    del base_sd  # the model holds what it needs; drop the rest of the mapping
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer_state = None
     if resume_info is not None and resume_info["kind"] == "plain":
