@@ -150,11 +150,10 @@ def fit_run(tr: TrainRun) -> int:
 
 
 def quiet_lightning() -> None:
-    """Lightning's start-up lines (GPU/TPU available, the LitLogger/litmodels "Tip", "`Trainer.fit`
-    stopped") are info-level logs; warnings and errors still show."""
-    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero",
-                 "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
-                 "pytorch_lightning.accelerators.cuda", "lightning_fabric.utilities.seed"):
+    """Lightning's start-up lines (GPU/TPU available, the LitLogger/litmodels "Tip", "initializing
+    (deepspeed) distributed", "`Trainer.fit` stopped") are info-level logs; warnings and errors still show."""
+    for name in ("pytorch_lightning", "lightning_fabric", "lightning",
+                 "pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
