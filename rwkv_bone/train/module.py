@@ -71,6 +71,7 @@ class RWKVTrainModule(pl.LightningModule):
         self.autocast_bf16 = autocast_bf16
         self.last_loss = float("nan")
         self.sampler = None  # g -> sample (rwkv_bone.train.data); set before fit
+        self.lr_scales: list[float] = []  # per optimizer group: lr = lr_at(step) * scale
 
     def train_dataloader(self) -> DataLoader:
         a = self.args
@@ -90,9 +91,13 @@ class RWKVTrainModule(pl.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         lr = self.current_lr()
-        for opt in self.trainer.optimizers:  # under DeepSpeed: its wrapper, same groups and keys
-            for group in opt.param_groups:
-                group["lr"] = lr * group["lr_scale"]
+        for opt in self.trainer.optimizers:  # under DeepSpeed: its wrapper, same groups in order
+            # The multipliers live here, not only in the groups: loading an optimizer state
+            # replaces the group dicts with the saved ones.
+            if len(opt.param_groups) != len(self.lr_scales):
+                raise RuntimeError(f"{len(opt.param_groups)} optimizer groups, {len(self.lr_scales)} lr scales")
+            for group, scale in zip(opt.param_groups, self.lr_scales):
+                group["lr"] = lr * scale
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         micro = batch_idx % self.args.accumulate_grad_batches
@@ -125,6 +130,7 @@ class RWKVTrainModule(pl.LightningModule):
         groups = optimizer_groups(self.model, a.weight_decay, a.layerwise_lr)
         if not groups:
             raise RuntimeError("no trainable parameters")
+        self.lr_scales = [g["lr_scale"] for g in groups]
         if self.offload_optimizer:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
