@@ -24,6 +24,9 @@ implements literally and the tests compare against):
    (" tower", ",", "\\n\\n"); they repeat (Zipf), so each short piece's ids are cached.
    The pair table is built from the vocab itself, so this holds for any vocab file of this format.
 
+make_data encodes the World vocab with pyrwkv-tokenizer (Rust) instead, after checking it against
+`encode_reference` at start; see world_native.py. This file stays the reference and the fallback.
+
 Hugging Face
 ------------
 `HFTokenizer(path)` wraps any `tokenizer.json` through the `tokenizers` package; special tokens are
@@ -317,7 +320,7 @@ class HFTokenizer:
 
 
 def load_tokenizer(spec: str | None = None, native: bool = False,
-                   warn: Callable[[str], None] | None = None):
+                   warn: Callable[[str], None] | None = None) -> Tokenizer:
     """`None`/"world": RWKV World; a `.json` file: Hugging Face; a `.txt` file: a World-format vocab.
 
     native=True (make_data): the World vocab is encoded by pyrwkv-tokenizer when it gives our ids
