@@ -5,8 +5,9 @@ with an sft loss mask m (1 = response token) it is sum_t m_t * l_t / max(1, sum_
 (rwkv_bone.train.loss: by default in token chunks, so the (B, T, V) logits never exist whole).
 
 The learning rate is set from `schedule.lr_at(step)` (times each group's lr_scale, see
-optimizer_groups) before every micro-batch and dropout draws from a generator re-seeded from (seed, step, rank, micro-batch), so nothing random or stateful
-lives outside (trained tensors, optimizer state, step) and a resumed run repeats an uninterrupted one.
+optimizer_groups) before every micro-batch and dropout draws from a generator re-seeded from
+(seed, step, rank, micro-batch), so nothing random or stateful lives outside (trained tensors,
+optimizer state, step) and a resumed run repeats an uninterrupted one.
 """
 from __future__ import annotations
 
