@@ -29,8 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="the RWKV-6 checkpoint (.pth)")
-    p.add_argument("--adapter", default=None,
-                   help="an adapter (.pth) trained on --model, folded in before generating")
+    p.add_argument("--adapter", action="append", default=None,
+                   help="an adapter trained on --model, folded in before generating: ours, RWKV-PEFT's "
+                        ".pth (.bone/.disha, LoRA, state), or an HF PEFT folder; repeat to combine, "
+                        "e.g. --adapter bone.pth --adapter state.pth")
     p.add_argument("--lora_alpha", type=float, default=None,
                    help="LoRA alpha of a peer (RWKV-PEFT) LoRA adapter; ours record it")
     p.add_argument("--pissa_init", default=None,

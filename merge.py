@@ -1,11 +1,16 @@
-"""Fold an adapter into its base model: a plain RWKV-6 checkpoint with no inference overhead.
+"""Fold adapters into their base model: a plain RWKV-6 checkpoint with no inference overhead.
 
-    python merge.py --base BASE.pth --adapter ADAPTER.pth --output OUT.pth
+    python merge.py --base BASE.pth --adapter ADAPTER --output OUT.pth [--adapter STATE.pth ...]
 
-Reads rwkv-bone adapter files (settings stored inside) and RWKV-PEFT files with no flags:
-3-D `.bone` = block-affine Bone-row, 2-D `.bone` = simplified Bone. Peer LoRA files carry no
-alpha, so they need --lora_alpha; peer PiSSA files need --pissa_init (the init file holding
-init_lora_A/B). The merge is computed in float32 and written in the base checkpoint's dtype,
+ADAPTER may be any format rwkv_bone.peft.formats reads, recognised by its content: rwkv-bone adapter
+files (settings stored inside); RWKV-PEFT .pth files (3-D `.bone`/`.disha` = block-affine
+Bone-row, 2-D = MiSS, lora_A/B, state tuning `blocks.{i}.att.time_state`, and the time_*/ln tensors
+it saves beside them); HF PEFT / RWKV-PEFT folders (adapter_config.json + adapter_model.safetensors
+or .bin: MiSS default/bat/mini, LoRA incl. rsLoRA; pass the folder or its weight file). Several
+--adapter are folded in order. Peer LoRA .pth files carry no alpha, so they need --lora_alpha;
+peer PiSSA files need --pissa_init (the init file holding init_lora_A/B). A state adapter adds its
+learned initial states as official keys, which the `rwkv` package starts every sequence from. The
+merge is computed in float32 and written in the base checkpoint's dtype (states stay float32),
 atomically (an existing OUT is only replaced by a complete file).
 """
 from __future__ import annotations
@@ -16,10 +21,11 @@ import argparse
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", required=True, help="the base RWKV-6 checkpoint (.pth) the adapter was trained on")
-    p.add_argument("--adapter", required=True, help="the adapter file (.pth) from train.py or RWKV-PEFT")
+    p.add_argument("--adapter", required=True, action="append",
+                   help="the adapter from train.py, RWKV-PEFT or HF PEFT (file or folder); repeatable")
     p.add_argument("--output", required=True, help="where to write the merged RWKV-6 checkpoint (.pth)")
     p.add_argument("--lora_alpha", type=float, default=None,
-                   help="LoRA alpha of a peer LoRA file (ours record it; scale = alpha / r)")
+                   help="LoRA alpha of a peer LoRA .pth file (ours and PEFT folders record it; scale = alpha / r)")
     p.add_argument("--pissa_init", default=None,
                    help="peer PiSSA init file with init_lora_A/B (ours keep them in the adapter file)")
     return p.parse_args(argv)
@@ -35,7 +41,8 @@ def check_output(args: argparse.Namespace) -> None:
 
     if os.path.isdir(args.output):
         raise UserError(f"--output {args.output} is a folder; give the path of the .pth file to write")
-    for flag, path in (("--base", args.base), ("--adapter", args.adapter), ("--pissa_init", args.pissa_init)):
+    inputs = [("--base", args.base), *(("--adapter", a) for a in args.adapter), ("--pissa_init", args.pissa_init)]
+    for flag, path in inputs:
         if path is not None and flag == "--base" and not os.path.exists(path):
             path += ".pth"  # load_state_dict also accepts a model named without its .pth suffix
         if path is None or not os.path.exists(args.output) or not os.path.exists(path):
@@ -52,19 +59,24 @@ def main(argv: list[str] | None = None) -> int:
     from rwkv_bone.cli import torch_save_atomic
     from rwkv_bone.errors import UserError
     from rwkv_bone.peft.adapter_io import merge_state_dict, read_adapter_file
+    from rwkv_bone.peft.registry import get_method
 
     check_output(args)
-    af = read_adapter_file(args.adapter, args.lora_alpha, args.pissa_init)
+    files = [read_adapter_file(a, args.lora_alpha, args.pissa_init) for a in args.adapter]
     base = load_state_dict(args.base)
-    merged = merge_state_dict(base, af)
+    merged = base
+    for af in files:
+        merged = merge_state_dict(merged, af)
     bad = first_non_finite(merged)
     if bad is not None:
-        raise UserError(f"merging {args.adapter} into {args.base} gives NaN or infinite values in {bad} "
-                        f"(adapter values too large for the base's {base[bad].dtype}?); nothing was written")
+        raise UserError(f"merging {', '.join(args.adapter)} into {args.base} gives NaN or infinite values in "
+                        f"{bad} (adapter values too large for the base's {base[bad].dtype}?); nothing was written")
     torch_save_atomic(merged, args.output)
-    mode = f" ({af.meta['bone_mode']}, b={af.meta['bone_b']})" if af.meta["method"] == "bone" else ""
-    print(f"merged {len(af.layers)} {af.meta['method']}{mode} layers and {len(af.others)} trained "
-          f"tensors into {args.output}")
+    for af in files:
+        what = get_method(af.meta["method"]).label(af.meta) if af.layers else af.meta["method"]
+        states = f", {len(af.states)} learned initial states" if af.states else ""
+        print(f"merged {len(af.layers)} {what} layers{states} and {len(af.others)} trained tensors "
+              f"from {af.path} into {args.output}")
     return 0
 
 

@@ -5,13 +5,15 @@
 
 Variants: Bone-row factorised (ours), Bone-row explicit (W' = W + delta materialised every step,
 as the paper and its peers do), Bone-col, Bone-ab, LoRA r = b/2 (same trainable count as
-Bone-row on square layers), PiSSA r = b/2, and HF peft's Bone "bat" when `peft` is installed.
+Bone-row on square layers), PiSSA r = b/2, MiSS r = b (ours; same trainable count as Bone-row
+on every layer of RWKV-6), and HF peft's Bone "bat" and MiSS when `peft` is installed.
 Shapes are (out x in). "saved" is the bytes autograd keeps for backward (unique storages, not
 counting parameters), measured with torch.autograd.graph.saved_tensors_hooks.
 Time is the best of --reps interleaved runs; on CPU with one thread (the default) it is the
 thread's CPU time, so other jobs on a shared machine barely disturb the comparison.
 Flop count per token of the adapter part, fwd+bwd: LoRA 3 r (in + out), Bone-row 3 in b, so at
-r = b/2 they are equal on square layers and Bone-row does less on out > in layers.
+r = b/2 they are equal on square layers and Bone-row does less on out > in layers; MiSS 3 r out
+plus the slice sums (no weight-sized work).
 Goals: Bone-row <= 0.95x LoRA time with no more saved memory; Bone-col <= 1.6x LoRA time with
 saved memory within 1.1x LoRA's.
 """
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rwkv_bone.peft import BoneLinear, LoraLinear, bone_delta
+from rwkv_bone.peft import BoneLinear, LoraLinear, MissLinear, bone_delta
 
 
 class ExplicitBoneRow(nn.Module):
@@ -52,6 +54,15 @@ def hf_peft_bat(base: nn.Linear, b: int) -> nn.Module | None:
     return model
 
 
+def hf_peft_miss(base: nn.Linear, r: int) -> nn.Module | None:
+    """HF peft's default MiSS, or None when peft (or its MiSS) is not installed."""
+    try:
+        from peft import MissConfig, get_peft_model
+    except ImportError:
+        return None
+    return get_peft_model(nn.Sequential(base), MissConfig(r=r, target_modules=["0"]))
+
+
 def make_variants(out: int, n_in: int, b: int, dtype: torch.dtype) -> dict[str, nn.Module]:
     def base() -> nn.Linear:
         lin = nn.Linear(n_in, out, bias=False).to(dtype)
@@ -65,10 +76,14 @@ def make_variants(out: int, n_in: int, b: int, dtype: torch.dtype) -> dict[str, 
         "bone-row explicit": ExplicitBoneRow(base(), b),
         "bone-col": BoneLinear(base(), b, "col"),
         "bone-ab": BoneLinear(base(), b, "ab"),
+        "miss r=b": MissLinear(base(), b),
     }
     hf = hf_peft_bat(base(), b)
     if hf is not None:
         v["hf-peft bat"] = hf
+    hf = hf_peft_miss(base(), b)
+    if hf is not None:
+        v["hf-peft miss"] = hf
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for m in v.values():

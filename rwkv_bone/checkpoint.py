@@ -148,7 +148,17 @@ def validate_state_dict(sd: Mapping[str, Tensor], allow_extra_keys: bool = False
                 f"{source} tensor {key} has shape {found} but {shape} was expected from the other "
                 "tensors' shapes; the file is corrupt or not an RWKV-6 model"
             )
-    extra = [k for k in sd if k not in expected]
+    states = config.state_shapes()  # learned initial states (state tuning): all layers or none
+    held = [k for k in states if k in sd]
+    if held and len(held) != len(states):
+        missing = next(k for k in states if k not in sd)
+        raise UserError(f"{source} holds learned initial states for some layers but not {missing}; "
+                        "expected blocks.{i}.att.time_state for every layer or none")
+    for key in held:
+        if tuple(sd[key].shape) != states[key]:
+            raise UserError(f"{source} tensor {key} has shape {tuple(sd[key].shape)} but {states[key]} "
+                            "(n_head, head_size, head_size) was expected")
+    extra = [k for k in sd if k not in expected and k not in states]
     if extra and not allow_extra_keys:
         more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
         raise UserError(

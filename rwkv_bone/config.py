@@ -90,6 +90,11 @@ class RWKV6Config:
             dim_decay=int(sd["blocks.0.att.time_decay_w1"].shape[1]),
         )
 
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The optional learned initial WKV states (state tuning): blocks.{i}.att.time_state."""
+        return {f"blocks.{i}.att.time_state": (self.n_head, self.head_size, self.head_size)
+                for i in range(self.n_layer)}
+
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every key of the official checkpoint layout with its shape, in the reference order."""
         C, A, F, V = self.n_embd, self.dim_att, self.dim_ffn, self.vocab_size

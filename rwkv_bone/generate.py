@@ -62,29 +62,34 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def load_model(path: str, adapter: Optional[str] = None, *, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu", lora_alpha: Optional[float] = None,
-               pissa_init: Optional[str] = None) -> RWKV6:
-    """An RWKV-6 model ready for inference, with `adapter` (ours or RWKV-PEFT's) folded into its
-    weights, so it runs exactly as fast as the base model. The merge is computed in float32 from
-    the wider of the checkpoint's and the requested dtype (as merge.py does)."""
+def load_model(path: str, adapter: Optional[str | Sequence[str]] = None, *,
+               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               lora_alpha: Optional[float] = None, pissa_init: Optional[str] = None) -> RWKV6:
+    """An RWKV-6 model ready for inference, with `adapter` (one path or several, any format that
+    rwkv_bone.peft.formats reads: e.g. a Bone/LoRA adapter and a state-tuning file) folded into its
+    weights in order, so it runs exactly as fast as the base model (a learned initial state costs
+    nothing per token either). The merge is computed in float32 from the wider of the checkpoint's
+    and the requested dtype (as merge.py does)."""
     dev = resolve_device(device)
-    if adapter is None:
+    adapters = [adapter] if isinstance(adapter, (str, bytes)) or hasattr(adapter, "__fspath__") \
+        else list(adapter or [])
+    if not adapters:
         return RWKV6.from_checkpoint(path, dtype=dtype, device=dev).eval()
 
     from .checkpoint import first_non_finite, load_state_dict
     from .peft.adapter_io import merge_state_dict, read_adapter_file
 
-    af = read_adapter_file(adapter, lora_alpha, pissa_init)
+    files = [read_adapter_file(a, lora_alpha, pissa_init) for a in adapters]  # all parsed before merging
     base = load_state_dict(path)
     # bf16 release + fp32 run: merge into fp32 weights, not into bf16 ones rounded again later.
-    base = {k: v.to(torch.promote_types(v.dtype, dtype)) for k, v in base.items()}
-    merged = merge_state_dict(base, af)
-    bad = first_non_finite(merged)
+    sd = {k: v.to(torch.promote_types(v.dtype, dtype)) for k, v in base.items()}
+    for af in files:
+        sd = merge_state_dict(sd, af)
+    bad = first_non_finite(sd)
     if bad is not None:
-        raise UserError(f"folding {adapter} into {path} gives NaN or infinite values in {bad} (adapter "
-                        "values too large, or a wrong --lora_alpha?); check the adapter")
-    return RWKV6.from_state_dict(merged, dtype=dtype, device=dev).eval()
+        raise UserError(f"folding {', '.join(map(str, adapters))} into {path} gives NaN or infinite values "
+                        f"in {bad} (adapter values too large, or a wrong --lora_alpha?); check the adapter")
+    return RWKV6.from_state_dict(sd, dtype=dtype, device=dev).eval()
 
 
 def sample_next(logits: Tensor, temperature: float = 1.0, top_p: float = 1.0,

@@ -9,6 +9,10 @@ TimeMix (att), with shift(x)_t = x_{t-1} (zeros, or the carried state, before th
     out = O (GroupNorm_H(WKV(r, k, v, w_raw, u=time_faaaa)) * g)
 ChannelMix (ffn): out = sigmoid(R (x + xx*maa_r)) * V relu(K (x + xx*maa_k))^2
 
+State tuning (rwkv_bone/peft/state.py) adds `att.time_state` (H, N, N) per block (the official
+file layout: time_state[h, j, i] = S_0[h, i, j]); the WKV then starts from it instead of zeros
+whenever no state is passed, for every sequence of the batch.
+
 Linear layers are only ever called as modules, so an adapter that replaces an nn.Linear works as is.
 The WKV op is `rwkv_bone.wkv.wkv6` (looked up as this module's global at call time); it always
 runs in float32 for bf16/fp16/fp32 models (as the reference inference code does), float64 for
@@ -67,6 +71,14 @@ class TimeMix(nn.Module):
         self.output = nn.Linear(A, C, bias=False)
         self.gate = nn.Linear(C, A, bias=False)
         self.ln_x = nn.GroupNorm(H, A, eps=LN_X_EPS)
+        self.register_parameter("time_state", None)  # (H, N, N) learned S_0, only with state tuning
+
+    def initial_wkv_state(self, batch_size: int, dtype: torch.dtype) -> Optional[Tensor]:
+        """The learned S_0 (B, H, N, N) (rows = key channel) broadcast over the batch, or None."""
+        if self.time_state is None:
+            return None
+        s0 = self.time_state.to(dtype).transpose(1, 2)  # file layout (H, value, key) -> (H, key, value)
+        return s0.unsqueeze(0).expand(batch_size, -1, -1, -1).contiguous()
 
     def forward(self, x: Tensor, shift_state: Optional[Tensor], wkv_state: Optional[Tensor]):
         """x (B, T, C) -> out (B, T, C), last x (B, C), wkv state (B, H, N, N) (float32 or wider)."""
@@ -92,6 +104,8 @@ class TimeMix(nn.Module):
         w = self.time_decay.to(wdt) + (torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2).to(wdt)
 
         heads = lambda t: t.to(wdt).reshape(B, T, H, N)  # noqa: E731
+        if wkv_state is None:
+            wkv_state = self.initial_wkv_state(B, wdt)
         # Autocast off: the op gets exactly the precision chosen here, whatever its implementation.
         with torch.autocast(device_type=x.device.type, enabled=False):
             y, wkv_state = wkv6(heads(r), heads(k), heads(v), heads(w), self.time_faaaa.to(wdt), wkv_state)
@@ -192,18 +206,35 @@ class RWKV6(nn.Module):
         return self.ln_out(x), new_state
 
     def zero_state(self, batch_size: int) -> list[LayerState]:
-        """The state before any token (equivalent to passing state=None)."""
+        """The state before any token (equivalent to passing state=None): zeros, except the WKV
+        state of a model with a learned initial state (state tuning), which is that state."""
         c = self.config
         p = self.emb.weight
-        return [
-            (
-                p.new_zeros(batch_size, c.n_embd),
-                torch.zeros(batch_size, c.n_head, c.head_size, c.head_size, device=p.device,
-                            dtype=torch.promote_types(p.dtype, torch.float32)),
-                p.new_zeros(batch_size, c.n_embd),
-            )
-            for _ in range(c.n_layer)
-        ]
+        wdt = torch.promote_types(p.dtype, torch.float32)
+        out = []
+        for block in self.blocks:
+            wkv = block.att.initial_wkv_state(batch_size, wdt)
+            if wkv is None:
+                wkv = torch.zeros(batch_size, c.n_head, c.head_size, c.head_size, device=p.device, dtype=wdt)
+            out.append((p.new_zeros(batch_size, c.n_embd), wkv.detach().clone(), p.new_zeros(batch_size, c.n_embd)))
+        return out
+
+    def add_time_state(self, values: Optional[dict[str, Tensor]] = None) -> list[str]:
+        """Give every block a learned initial WKV state `att.time_state` (H, N, N) in the official
+        file layout, float32, zeros unless `values` ({key: tensor}) holds it; returns the keys."""
+        c = self.config
+        names = []
+        for i, block in enumerate(self.blocks):
+            key = f"blocks.{i}.att.time_state"
+            if block.att.time_state is None:
+                dev = block.att.time_faaaa.device
+                init = torch.zeros(c.n_head, c.head_size, c.head_size, device=dev, dtype=torch.float32)
+                block.att.time_state = nn.Parameter(init)
+            if values is not None and key in values:
+                with torch.no_grad():
+                    block.att.time_state.copy_(values[key])
+            names.append(key)
+        return names
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
@@ -251,9 +282,12 @@ class RWKV6(nn.Module):
         config = RWKV6Config.from_state_dict(sd)
         with torch.device("meta"):
             model = cls(config)
+        states = {k: v for k, v in sd.items() if k.endswith(".att.time_state")}
         expected = model.state_dict().keys()
         sd = {k: sd[k].to(device=device, dtype=dtype if dtype is not None else sd[k].dtype) for k in expected}
         model.load_state_dict(sd, assign=True)
+        if states:  # a merged state-tuning file: the learned initial states (kept float32)
+            model.add_time_state(states)
         return model
 
     def init_weights(self) -> None:
@@ -267,6 +301,8 @@ class RWKV6(nn.Module):
         """The state dict in the official layout, on CPU, contiguous, optionally cast."""
         sd = self.state_dict()
         expected = self.config.expected_shapes()
+        if self.blocks[0].att.time_state is not None:  # learned initial states: official keys too
+            expected.update(self.config.state_shapes())
         extra = [k for k in sd if k not in expected]
         if extra:
             raise UserError(

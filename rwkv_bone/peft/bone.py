@@ -221,3 +221,39 @@ class BoneLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, b={self.b}, mode={self.mode}"
+
+
+# ---- registry entry (see registry.py) ------------------------------------------------------------
+def settings(options: dict) -> dict:
+    mode = options.get("bone_mode", "row")
+    if mode not in BONE_MODES:
+        raise UserError(f"unknown Bone mode {mode!r}; choose one of {', '.join(BONE_MODES)}")
+    return dict(bone_b=int(options.get("bone_b", 64)), bone_mode=mode)
+
+
+def check_layer(name: str, out: int, n_in: int, s: dict) -> None:
+    check_block_size(name, out, n_in, s["bone_b"])
+
+
+def build(base: nn.Linear, s: dict, name: str, init_factors=None) -> BoneLinear:
+    return BoneLinear(base, s["bone_b"], s["bone_mode"], name=name)
+
+
+def layer_shapes(s: dict, out: int, n_in: int) -> dict[str, tuple[int, ...]]:
+    b, mode = s["bone_b"], s["bone_mode"]
+    if mode == "col":
+        return {"bone": (out // b, b, b)}
+    if mode == "ab":
+        return {"bone_a": (n_in // b, b, b), "bone_b": (n_in // b, b, b)}
+    return {"bone": (n_in // b, b, b)}
+
+
+def merged(w: torch.Tensor, s: dict, t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """W' = W + bone_delta (float32 in, float32 out)."""
+    if s["bone_mode"] == "ab":
+        return w + bone_delta(w, t["bone_a"], "ab", t["bone_b"])
+    return w + bone_delta(w, t["bone"], s["bone_mode"])
+
+
+def label(s: dict) -> str:
+    return f"bone-{s['bone_mode']} b={s['bone_b']}"

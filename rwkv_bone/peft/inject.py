@@ -13,14 +13,12 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .bone import BONE_MODES, BoneLinear, check_block_size
-from .lora import LoraLinear
+from .registry import LAYER_TYPES, METHODS, get_method, method_settings
 
-METHODS = ("bone", "lora", "pissa", "olora")
 DEFAULT_TARGETS = ("att.receptance", "att.key", "att.value", "att.gate", "att.output",
                    "ffn.key", "ffn.receptance", "ffn.value")
 TRAIN_PARTS = ("time", "ln", "emb", "head")
-ADAPTER_TYPES = (BoneLinear, LoraLinear)
+ADAPTER_TYPES = LAYER_TYPES
 
 
 def adapter_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -45,34 +43,33 @@ def _check_targets(targets: Iterable[str] | str | None) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def apply_peft(model: nn.Module, method: str, *, bone_b: int = 64, bone_mode: str = "row",
-               lora_r: int = 32, lora_alpha: float | None = None, lora_dropout: float = 0.0,
-               pissa_r: int | None = None, svd_niter: int = 4,
-               targets: Iterable[str] | str | None = None,
-               init_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[str]:
-    """Freeze `model`, wrap the target linears of every block, leave only adapters trainable.
+def apply_peft(model: nn.Module, method: str, *, targets: Iterable[str] | str | None = None,
+               init_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+               **options) -> list[str]:
+    """Freeze `model`, add the adapters of `method` (rwkv_bone.peft.registry), leave only them trainable.
 
-    method: bone (bone_b, bone_mode row|col|ab), lora (lora_r, lora_alpha (default = r, scale 1),
-    lora_dropout), pissa / olora (rank pissa_r, default lora_r; scale 1; svd_niter subspace
-    iterations for PiSSA). targets: names such as "att.key", "ffn.value" (default all 8).
-    init_factors: {layer name: (A0, B0)} to rebuild PiSSA/OLoRA residuals from a saved adapter
-    instead of factorising again. Returns the qualified names replaced ("blocks.0.att.key", ...).
+    options (each method reads its own, see its file): bone (bone_b, bone_mode row|col|ab), lora
+    (lora_r, lora_alpha (default = r, scale 1), lora_dropout), pissa / olora (rank pissa_r, default
+    lora_r; scale 1; svd_niter subspace iterations for PiSSA), miss (miss_r, miss_mode
+    default|mini, miss_mini_r), state (none: one time_state per layer). targets: names such as
+    "att.key", "ffn.value" (default all 8; not used by state). init_factors: {layer name: (A0, B0)}
+    to rebuild PiSSA/OLoRA residuals from a saved adapter instead of factorising again. Returns the
+    names added: wrapped linears ("blocks.0.att.key", ...) or model-level tensors.
     """
-    if method not in METHODS:
-        raise UserError(f"unknown fine-tuning method {method!r}; choose one of {', '.join(METHODS)}")
-    if adapter_modules(model):
+    entry = get_method(method)
+    if adapter_modules(model) or getattr(model, "peft_config", None) is not None:
         raise UserError("this model already has adapters; load a fresh base model (or merge_peft "
                         "first) before applying another")
-    if method == "bone" and bone_mode not in BONE_MODES:
-        raise UserError(f"unknown Bone mode {bone_mode!r}; choose one of {', '.join(BONE_MODES)}")
-    names = _check_targets(targets)
-    rank = lora_r if method == "lora" or pissa_r is None else pissa_r
-    alpha = float(lora_alpha) if method == "lora" and lora_alpha is not None else float(rank)
-    if method == "bone":                           # refuse before touching anything
-        for i, block in enumerate(model.blocks):
-            for target in names:
-                lin = block.get_submodule(target)
-                check_block_size(f"blocks.{i}.{target}", lin.out_features, lin.in_features, bone_b)
+    settings = method_settings(method, options)
+    names = _check_targets(targets) if entry.wraps_linears else []
+    for i, block in enumerate(model.blocks):       # refuse before touching anything
+        for target in names:
+            lin = block.get_submodule(target)
+            qual = f"blocks.{i}.{target}"
+            if not isinstance(lin, nn.Linear):
+                raise UserError(f"{qual} is a {type(lin).__name__}, not a plain nn.Linear; "
+                                "apply adapters to a freshly loaded base model")
+            entry.check_layer(qual, lin.out_features, lin.in_features, settings)
     for p in model.parameters():
         p.requires_grad_(False)
     replaced = []
@@ -80,34 +77,22 @@ def apply_peft(model: nn.Module, method: str, *, bone_b: int = 64, bone_mode: st
         for target in names:
             part, attr = target.split(".")
             parent = getattr(block, part)
-            base = getattr(parent, attr)
             qual = f"blocks.{i}.{target}"
-            if not isinstance(base, nn.Linear):
-                raise UserError(f"{qual} is a {type(base).__name__}, not a plain nn.Linear; "
-                                "apply adapters to a freshly loaded base model")
-            if method == "bone":
-                layer = BoneLinear(base, bone_b, bone_mode, name=qual)
-            else:
-                factors = (init_factors or {}).get(qual)
-                layer = LoraLinear(base, rank, alpha, lora_dropout,
-                                   init="lora" if method == "lora" else method, niter=svd_niter,
-                                   name=qual, init_factors=factors)
+            layer = entry.build(getattr(parent, attr), settings, qual, (init_factors or {}).get(qual))
             setattr(parent, attr, layer)
             replaced.append(qual)
-    model.peft_config = dict(method=method, targets=names, train_parts=[])
-    if method == "bone":
-        model.peft_config.update(bone_b=bone_b, bone_mode=bone_mode)
-    else:
-        model.peft_config.update(lora_r=rank, lora_alpha=alpha, lora_dropout=lora_dropout,
-                                 svd_niter=svd_niter)
+    if entry.apply_model is not None:
+        replaced += entry.apply_model(model, settings)
+    model.peft_config = dict(method=method, targets=names, train_parts=[], **settings)
     return replaced
 
 
 def trainable_part_params(model: nn.Module, part: str) -> dict[str, nn.Parameter]:
     """{name: Parameter} of one --train_parts group: time (time_*), ln (LayerNorm/GroupNorm),
     emb, head."""
-    if part == "time":
-        return {n: p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1].startswith("time_")}
+    if part == "time":                             # time_state is state tuning's, not a base tensor
+        return {n: p for n, p in model.named_parameters()
+                if n.rsplit(".", 1)[-1].startswith("time_") and not n.endswith(".time_state")}
     if part == "ln":
         return {f"{mn}.{pn}" if mn else pn: p for mn, m in model.named_modules()
                 if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) for pn, p in m.named_parameters(recurse=False)}
@@ -149,6 +134,10 @@ def merge_peft(model: nn.Module) -> list[str]:
     plain nn.Linear modules back; returns the merged names. The model's keys are then exactly the
     official checkpoint layout again."""
     merged = []
+    if getattr(model, "peft_config", {}).get("method") == "state":
+        for i, block in enumerate(model.blocks):    # the learned S_0 stays, frozen (official keys)
+            block.att.time_state.requires_grad_(False)
+            merged.append(f"blocks.{i}.att.time_state")
     for name, layer in adapter_modules(model).items():
         parent_name, attr = name.rsplit(".", 1)
         setattr(model.get_submodule(parent_name), attr, layer.merged_linear())

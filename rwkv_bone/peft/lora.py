@@ -114,3 +114,47 @@ class LoraLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, r={self.r}, "
                 f"scale={self.scale:g}, init={self.init}")
+
+
+# ---- registry entries (see registry.py): lora, pissa and olora share everything but the init --------
+def settings_for(method: str):
+    def settings(options: dict) -> dict:
+        pissa_r = options.get("pissa_r")
+        rank = int(options.get("lora_r", 32) if method == "lora" or pissa_r is None else pissa_r)
+        alpha = options.get("lora_alpha")
+        alpha = float(alpha) if method == "lora" and alpha is not None else float(rank)
+        return dict(lora_r=rank, lora_alpha=alpha, lora_dropout=float(options.get("lora_dropout", 0.0)),
+                    svd_niter=int(options.get("svd_niter", 4)))
+    return settings
+
+
+def check_layer(name: str, out: int, n_in: int, s: dict) -> None:
+    return None                                    # the rank is checked per layer by LoraLinear
+
+
+def build_for(method: str):
+    def build(base: nn.Linear, s: dict, name: str, init_factors=None) -> LoraLinear:
+        return LoraLinear(base, s["lora_r"], s["lora_alpha"], s["lora_dropout"], init=method,
+                          niter=s["svd_niter"], name=name, init_factors=init_factors)
+    return build
+
+
+def shapes_for(method: str):
+    def layer_shapes(s: dict, out: int, n_in: int) -> dict[str, tuple[int, ...]]:
+        r = s["lora_r"]
+        shapes = {"lora_A": (r, n_in), "lora_B": (out, r)}
+        if method != "lora":                       # A0/B0: W_res = W - B0 A0 is rebuilt from them
+            shapes.update(init_lora_A=(r, n_in), init_lora_B=(out, r))
+        return shapes
+    return layer_shapes
+
+
+def merged(w: torch.Tensor, s: dict, t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """LoRA W + alpha/r B A; PiSSA/OLoRA W - B0 A0 + B A (float32 in, float32 out)."""
+    if "init_lora_A" in t:
+        return w - t["init_lora_B"] @ t["init_lora_A"] + t["lora_B"] @ t["lora_A"]
+    return w + lora_delta(t["lora_A"], t["lora_B"], s["lora_alpha"] / s["lora_r"])
+
+
+def label_for(method: str):
+    return lambda s: f"{method} r={s['lora_r']}"

@@ -12,8 +12,14 @@ from typing import Sequence
 
 from ..errors import UserError
 
-PEFT_METHODS = ("none", "bone", "lora", "pissa", "olora")
+PEFT_METHODS = ("none", "bone", "lora", "pissa", "olora", "miss", "state")
 BONE_MODES = ("row", "col", "ab")
+MISS_MODES = ("default", "mini")
+ADAPTER_FORMATS = ("ours", "peft")
+# --lr_init when not given: adapters (and full fine-tuning) vs state tuning, whose (H, N, N) states
+# need a far larger step (measured in bench/bench_state_lr.py, see the README).
+DEFAULT_LR = 2e-5
+DEFAULT_STATE_LR = 1.0
 TRAIN_PARTS = ("time", "ln", "emb", "head")
 LR_SCHEDULES = ("constant", "linear", "cosine", "exp")
 STRATEGIES = (
@@ -72,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epoch_save", type=int, default=1, help="write rwkv-{epoch}.pth every this many epochs")
     g.add_argument("--save_every_steps", type=int, default=0,
                    help="also save the resumable training state every this many steps (0 = at epoch ends only)")
-    g.add_argument("--lr_init", type=float, default=2e-5, help="learning rate after warm-up")
+    g.add_argument("--lr_init", type=float, default=None,
+                   help=f"learning rate after warm-up (default {DEFAULT_LR:g}; {DEFAULT_STATE_LR:g} with --peft state)")
     g.add_argument("--lr_final", type=float, default=None, help="learning rate at the last step (default lr_init)")
     g.add_argument("--lr_schedule", default="constant", choices=LR_SCHEDULES,
                    help="decay from lr_init to lr_final over the run (exp = RWKV's exponential decay)")
@@ -103,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank, scale 1)")
     g.add_argument("--lora_dropout", type=float, default=0.0, help="LoRA dropout")
     g.add_argument("--pissa_r", type=int, default=None, help="PiSSA rank (default --lora_r)")
+    g.add_argument("--miss_r", type=int, default=64, help="MiSS rank r (r-wide input slices summed)")
+    g.add_argument("--miss_mode", default="default", choices=MISS_MODES,
+                   help="MiSS variant: default (r, out) tensor per linear, mini (r, miss_mini_r) tiled over the output")
+    g.add_argument("--miss_mini_r", type=int, default=None, help="--miss_mode mini: output width of the tensor")
+    g.add_argument("--adapter_format", default="ours", choices=ADAPTER_FORMATS,
+                   help="epoch adapters: ours (rwkv-{epoch}.pth) or peft (HF PEFT folder rwkv-{epoch}/, "
+                        "for --bone_mode col, miss and lora)")
     g.add_argument("--svd_niter", type=int, default=4, help="PiSSA fast-SVD iterations")
     g.add_argument("--train_parts", default="",
                    help="extra parts to train besides the adapter, comma separated: time, ln, emb, head")
@@ -154,6 +168,8 @@ def peft_options(args: argparse.Namespace) -> dict:
     if args.peft == "pissa":
         return {"lora_r": args.lora_r, "pissa_r": args.pissa_r or args.lora_r, "svd_niter": args.svd_niter,
                 "lora_alpha": args.lora_alpha}
+    if args.peft == "miss":
+        return {"miss_r": args.miss_r, "miss_mode": args.miss_mode, "miss_mini_r": args.miss_mini_r}
     return {}
 
 
@@ -165,13 +181,17 @@ def method_label(args: argparse.Namespace) -> str:
         return f"{args.peft} r={args.lora_r}"
     if args.peft == "pissa":
         return f"pissa r={args.pissa_r or args.lora_r}"
+    if args.peft == "miss":
+        return f"miss r={args.miss_r}" + (f" mini_r={args.miss_mini_r}" if args.miss_mode == "mini" else "")
+    if args.peft == "state":
+        return "state"
     return "full"
 
 
 def validate(args: argparse.Namespace) -> None:
     """Flag combinations that can never work; each raises one UserError sentence."""
     positive = ["ctx_len", "micro_bsz", "accumulate_grad_batches", "epoch_steps", "epoch_count", "epoch_save",
-                "devices", "num_nodes", "bone_b", "lora_r", "svd_niter"]
+                "devices", "num_nodes", "bone_b", "lora_r", "svd_niter", "miss_r"]
     for name in positive:
         if getattr(args, name) <= 0:
             raise UserError(f"--{name} must be a positive integer, got {getattr(args, name)}")
@@ -184,6 +204,8 @@ def validate(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):
             raise UserError(f"--{name} {value} is not a finite number; give a plain number")
+    if args.lr_init is None:
+        args.lr_init = DEFAULT_STATE_LR if args.peft == "state" else DEFAULT_LR
     if args.l2wrap is None:
         args.l2wrap = args.peft == "none"
     if args.lr_final is None:
@@ -200,6 +222,18 @@ def validate(args: argparse.Namespace) -> None:
         raise UserError("--lora_dropout must lie in [0, 1)")
     if args.pissa_r is not None and args.pissa_r <= 0:
         raise UserError(f"--pissa_r must be a positive integer, got {args.pissa_r}")
+    if args.miss_mode == "mini" and (args.miss_mini_r is None or args.miss_mini_r <= 0):
+        raise UserError("--miss_mode mini needs a positive --miss_mini_r (the tensor's output width, e.g. 64)")
+    if args.miss_mini_r is not None and args.miss_mode != "mini":
+        raise UserError("--miss_mini_r applies to --miss_mode mini only; drop it or add --miss_mode mini")
+    if args.adapter_format == "peft" and not (args.peft in ("miss", "lora") or
+                                              (args.peft == "bone" and args.bone_mode == "col")):
+        what = f"--peft bone --bone_mode {args.bone_mode}" if args.peft == "bone" else f"--peft {args.peft}"
+        raise UserError(f"--adapter_format peft exists for --bone_mode col, miss and lora, not {what}; "
+                        "use --adapter_format ours")
+    if args.adapter_format == "peft" and args.train_parts:
+        raise UserError("--adapter_format peft holds adapter tensors only; drop --train_parts or use "
+                        "--adapter_format ours")
     bad = [p for p in train_parts(args) if p not in TRAIN_PARTS]
     if bad:
         raise UserError(f"--train_parts: unknown part(s) {', '.join(bad)}; choose from {', '.join(TRAIN_PARTS)}")

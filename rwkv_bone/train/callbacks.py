@@ -75,6 +75,11 @@ def start_wandb(project: str, name: str, config: dict, proj_dir: str):
                       dir=os.environ.get("WANDB_DIR") or proj_dir)
 
 
+def epoch_file(epoch: int, adapter_format: str = "ours") -> str:
+    """rwkv-{epoch}.pth, or the HF PEFT folder rwkv-{epoch} with --adapter_format peft."""
+    return f"rwkv-{epoch}" if adapter_format == "peft" else f"rwkv-{epoch}.pth"
+
+
 class RunRecorder(pl.Callback):
     def __init__(self, args, *, start_step: int, total_steps: int, tokens_per_step: int, deepspeed_on: bool,
                  full_model: bool, run_name: str, resume_info: dict | None, full_dtype: torch.dtype) -> None:
@@ -168,9 +173,11 @@ class RunRecorder(pl.Callback):
     def save_epoch(self, trainer, pl_module, epoch: int, step: int, loss: float) -> None:
         meta = {"epoch": epoch, "step": step, "loss": loss, "tokens": step * self.tokens_per_step,
                 "ctx_len": self.args.ctx_len, "load_model": self.args.load_model}
-        ck.save_epoch_checkpoint(self.path(f"rwkv-{epoch}.pth"), pl_module.model, deepspeed_on=self.deepspeed_on,
+        fmt = getattr(self.args, "adapter_format", "ours")
+        ck.save_epoch_checkpoint(self.path(epoch_file(epoch, fmt)), pl_module.model, deepspeed_on=self.deepspeed_on,
                                  is_rank0=trainer.is_global_zero, full_model=self.full_model,
-                                 full_dtype=self.full_dtype, extra_meta=meta, init_factors=self.init_factors)
+                                 full_dtype=self.full_dtype, extra_meta=meta, init_factors=self.init_factors,
+                                 adapter_format=fmt)
         self.saved_epochs.add(epoch)
 
     def save_state(self, trainer, pl_module, step: int) -> None:

@@ -35,8 +35,8 @@ STATE_FORMAT = "rwkv-bone-train-state"
 # Flags that must not change between a run and its resumption (they change the data or the model).
 # --epoch_count may grow (train longer; a decaying lr schedule then spans the new length).
 RESUME_KEYS = ("data_file", "data_type", "ctx_len", "micro_bsz", "accumulate_grad_batches", "epoch_steps",
-               "random_seed", "peft", "bone_b", "bone_mode", "lora_r", "pissa_r",
-               "train_parts", "magic_prime", "load_model", "layerwise_lr")
+               "random_seed", "peft", "bone_b", "bone_mode", "lora_r", "pissa_r", "miss_r", "miss_mode",
+               "miss_mini_r", "train_parts", "magic_prime", "load_model", "layerwise_lr")
 
 
 def trained_tensors(model: torch.nn.Module, deepspeed_on: bool) -> dict[str, torch.Tensor]:
@@ -53,7 +53,8 @@ def init_factor_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_epoch_checkpoint(path: str, model: torch.nn.Module, *, deepspeed_on: bool, is_rank0: bool,
                           full_model: bool, full_dtype: torch.dtype, extra_meta: dict,
-                          init_factors: dict[str, torch.Tensor] | None = None) -> None:
+                          init_factors: dict[str, torch.Tensor] | None = None,
+                          adapter_format: str = "ours") -> None:
     """Write rwkv-{epoch}.pth (every rank must call this under DeepSpeed)."""
     values = trained_tensors(model, deepspeed_on)
     if not is_rank0:
@@ -75,7 +76,7 @@ def save_epoch_checkpoint(path: str, model: torch.nn.Module, *, deepspeed_on: bo
         for name, value in values.items():
             swapped[name] = tensors[name].data
             tensors[name].data = value
-        save_adapter(model, path, extra_meta=extra_meta)
+        save_adapter(model, path, extra_meta=extra_meta, format=adapter_format)
     finally:
         for name, old in swapped.items():
             tensors[name].data = old

@@ -22,7 +22,7 @@ import torch
 from ..errors import UserError
 from . import args as A
 from . import checkpoints as ck
-from .callbacks import RunRecorder, write_run_settings
+from .callbacks import RunRecorder, epoch_file, write_run_settings
 from .strategy import DEEPSPEED_STAGES, build_strategy, is_deepspeed, resolve_accelerator
 
 
@@ -145,7 +145,8 @@ def fit_run(tr: TrainRun) -> int:
             print(tr.recorder.interrupted_message(), file=sys.stderr, flush=True)
         return 130
     if tr.trainer.is_global_zero and tr.recorder.saved_epochs:
-        print(f"saved {os.path.join(tr.args.proj_dir, f'rwkv-{max(tr.recorder.saved_epochs)}.pth')}")
+        name = epoch_file(max(tr.recorder.saved_epochs), getattr(tr.args, "adapter_format", "ours"))
+        print(f"saved {os.path.join(tr.args.proj_dir, name)}")
     return 0
 
 
