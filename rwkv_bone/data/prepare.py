@@ -183,13 +183,18 @@ class _Encoder:
     def _encode(self, text: str) -> list[int]:
         try:
             return self.tok.encode(text)
-        except Exception:
+        except Exception as exc:
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError as e:
                 raise _Bad(f"text contains an unpaired surrogate ({text[e.start]!r}) that is "
                            "not valid Unicode") from None
-            raise
+            # Valid text the tokenizer cannot encode: the tokenizer is broken, not the record
+            # (a UserError crosses the worker pool intact and stops the run).
+            name = self.o.tokenizer or "RWKV World (rwkv_vocab_v20230424)"
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+            raise UserError(f"the tokenizer {name} failed to encode the text ({reason}); fix the "
+                            "tokenizer file or choose another --tokenizer") from None
 
     def encode_batch(self, batch: tuple[list[tuple[int, bytes]], int]) -> _Encoded:
         records, nbytes = batch
@@ -332,6 +337,12 @@ def _check_options(o: PrepareOptions) -> str:
     if not os.path.basename(prefix) or os.path.isdir(prefix):
         raise UserError(f"--output {o.output} is a folder; give a file prefix such as "
                         f"{os.path.join(o.output, 'mydata')}")
+    for ext in (".bin", ".idx", ".mask.bin", ".mask.idx"):
+        out = prefix + ext
+        if os.path.abspath(out) == os.path.abspath(o.input) or \
+                (os.path.exists(out) and os.path.samefile(out, o.input)):
+            raise UserError(f"--output {o.output} would write {out}, which is the input file; "
+                            "choose another --output prefix")
     check_writable_dir(prefix + ".bin", "--output")
     return kind
 

@@ -340,6 +340,8 @@ def load_tokenizer(spec: str | None = None, native: bool = False,
     if not os.path.exists(spec):
         raise UserError(f"tokenizer file {spec} not found; pass a tokenizer.json, a World vocab "
                         ".txt, or omit --tokenizer for the RWKV World tokenizer")
+    if os.path.isdir(spec):
+        raise UserError(f"--tokenizer {spec} is a folder; pass the tokenizer.json or World vocab .txt file in it")
     if spec.endswith(".json"):
         return HFTokenizer(spec)
     return WorldTokenizer(spec)

@@ -6,6 +6,7 @@ reported as one `UserError` sentence; file-level checks live next to the code th
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from typing import Sequence
 
@@ -178,6 +179,11 @@ def validate(args: argparse.Namespace) -> None:
                  "n_layer", "n_embd", "vocab_size"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must not be negative, got {getattr(args, name)}")
+    for name in ("lr_init", "lr_final", "beta1", "beta2", "adam_eps", "weight_decay", "grad_clip", "lora_alpha",
+                 "lora_dropout"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise UserError(f"--{name} {value} is not a finite number; give a plain number")
     if args.l2wrap is None:
         args.l2wrap = args.peft == "none"
     if args.lr_final is None:
@@ -209,6 +215,8 @@ def validate(args: argparse.Namespace) -> None:
         if args.model_preset:
             raise UserError("--model_preset is only for training from scratch or --dry_run; the dims of "
                             "--load_model are read from the checkpoint, so drop --model_preset")
+        if os.path.isdir(args.load_model):
+            raise UserError(f"--load_model {args.load_model} is a folder; give the path of the RWKV-6 .pth file itself")
         if not os.path.isfile(args.load_model):
             raise UserError(f"--load_model {args.load_model} does not exist; give the path of an RWKV-6 .pth file")
     else:

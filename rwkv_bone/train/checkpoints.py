@@ -120,8 +120,14 @@ def find_state(proj_dir: str, deepspeed_on: bool) -> dict:
             other = " (there is a non-DeepSpeed state: resume with that --strategy)" if os.path.isfile(plain) else ""
             raise UserError(f"--resume: no DeepSpeed training state in {proj_dir} ({STATE_POINTER}){other}; "
                             "start without --resume or point --proj_dir at the run to continue")
-        with open(pointer) as f:
-            info = json.load(f)
+        try:
+            with open(pointer) as f:
+                info = json.load(f)
+            ok = isinstance(info, dict) and info.get("format") == STATE_FORMAT and "tag" in info and "step" in info
+        except (OSError, ValueError):
+            ok = False
+        if not ok:
+            raise UserError(f"--resume: {pointer} is not a readable rwkv-bone training state; start without --resume")
         info["kind"] = "deepspeed"
         return info
     if not os.path.isfile(plain):
@@ -132,7 +138,8 @@ def find_state(proj_dir: str, deepspeed_on: bool) -> dict:
         state = torch.load(plain, map_location="cpu", weights_only=True)
     except Exception:
         raise UserError(f"--resume: {plain} is not a readable training state; start without --resume") from None
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or \
+            not all(k in state for k in ("step", "trainable", "optimizer")):
         raise UserError(f"--resume: {plain} is not a rwkv-bone training state; start without --resume")
     state["kind"] = "plain"
     return state

@@ -108,7 +108,8 @@ class RWKVTrainModule(pl.LightningModule):
             shown = value if not math.isfinite(value) else "non-finite on another rank"
             raise NonFiniteLoss(
                 f"the loss became {shown} at step {self.step + 1}, so training stopped; the checkpoints "
-                "already written are kept - lower --lr_init (and keep --grad_clip on) and restart"
+                "already written are kept and the saved training state is one whose loss was finite - "
+                "lower --lr_init (and keep --grad_clip on) and rerun with --resume, or restart"
             )
         self.last_loss = float(value)
         self.log("loss", loss.detach(), prog_bar=True, logger=False, on_step=True, on_epoch=False)
