@@ -71,11 +71,12 @@ StopRule = Callable[[int, list[int]], bool]  # (prompt index, tokens so far) -> 
 def greedy_batch(model: RWKV6, prompts: Sequence[Sequence[int]], max_tokens: int, *,
                  batch_size: int = 16, stop: Optional[StopRule] = None,
                  vocab_limit: Optional[int] = None,
-                 on_token: Optional[Callable[[int], None]] = None) -> list[Completion]:
+                 on_step: Optional[Callable[[int, int], None]] = None) -> list[Completion]:
     """Greedy completions of every prompt, in order. Up to `batch_size` prompts decode together;
     a row ends at token 0 (not kept), when `stop(i, tokens)` says so after a token (kept; the
     caller trims text it does not want), or after `max_tokens` tokens. Ids >= `vocab_limit` are
-    never chosen. `on_token(n)` is told how many tokens the step produced (progress bars)."""
+    never chosen. `on_step(produced, finished)` hears after every step how many tokens it made and
+how many rows it ended (progress bars)."""
     if batch_size < 1:
         raise UserError(f"batch size {batch_size} must be at least 1")
     if max_tokens < 0:
@@ -113,18 +114,20 @@ def greedy_batch(model: RWKV6, prompts: Sequence[Sequence[int]], max_tokens: int
             logits[:, vocab_limit:] = float("-inf")
         tokens = torch.argmax(logits, dim=-1)  # (rows,)
         keep: list[int] = []
+        produced = 0
         for row, (i, t) in enumerate(zip(active, tokens.tolist())):
             c = out[i]
             if t == EOD_ID:
                 c.stopped = "eod"
                 continue
             c.tokens.append(t)
+            produced += 1
             if stop is not None and stop(i, c.tokens):
                 c.stopped = "stop"
             elif len(c.tokens) < max_tokens:
                 keep.append(row)
-        if on_token is not None:
-            on_token(len(active))
+        if on_step is not None:
+            on_step(produced, len(active) - len(keep))
         if len(keep) < len(active):
             rows = torch.tensor(keep, dtype=torch.long, device=device)
             active = [active[r] for r in keep]
