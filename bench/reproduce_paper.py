@@ -51,7 +51,7 @@ CPU = ["--accelerator", "cpu", "--precision", "fp32", "--progress", "0"]
 
 SETTINGS = {
     # default: about 30 min on 2 cores (1 thread each is fastest when the machine is shared)
-    "full": dict(n_layer=2, n_embd=256, pretrain_steps=400, pretrain_problems=6000, train=3000, dev=100,
+    "full": dict(n_layer=2, n_embd=256, pretrain_steps=500, pretrain_problems=6000, train=3000, dev=100,
                  test=200, steps=60, micro_bsz=8, lrs=(1e-3, 4e-3), seeds=(0, 1), max_tokens=64),
     # --quick: < 8 min, the same pipeline on a smaller scale (1 seed, 1 lr)
     "quick": dict(n_layer=2, n_embd=256, pretrain_steps=100, pretrain_problems=2000, train=1000, dev=40,
@@ -200,10 +200,14 @@ def _pm(values: list[float]) -> str:
 
 def write_report(path: str, s: dict, mode: str, chosen: dict, grid: dict, base_acc: float, data: dict,
                  elapsed: float, cmd: str) -> None:
+    import torch
+
     from rwkv_bone.cli import text_atomic
 
     def row(key):
         m = next(m for m in METHODS if m[0] == key)
+        if key not in chosen:
+            return f"| {m[1]} | | | not run yet | | |"
         c = chosen[key]
         return (f"| {m[1]} | {c['trainable']:,} | {c['lr']:g} | {_pm(c['dev'])} | **{_pm(c['test'])}** | "
                 f"{statistics.fmean(c['loss']):.3f} |")
@@ -213,7 +217,8 @@ def write_report(path: str, s: dict, mode: str, chosen: dict, grid: dict, base_a
     n_seeds = len(s["seeds"])
     lines = [
         "# The paper's comparisons at CPU scale", "",
-        f"Command: `{cmd}` ({mode} setting, {elapsed / 60:.1f} min on this machine).", "",
+        f"Command: `{cmd}` ({mode} setting, {elapsed / 60:.1f} min on this machine, "
+        f"{torch.get_num_threads()} torch thread(s)).", "",
         f"Base: RWKV-6 L{s['n_layer']} C{s['n_embd']}, vocab {data['vocab_size']} (word-level World vocab), "
         f"pre-trained from scratch for {s['pretrain_steps']} steps on the demo text plus "
         f"{s['pretrain_problems']} problems in plain text. Fine-tuning: {s['train']} GSM8K-style train problems "
@@ -236,14 +241,16 @@ def write_report(path: str, s: dict, mode: str, chosen: dict, grid: dict, base_a
         f"## The lr grid (dev accuracy %, seed {s['seeds'][0]})", "",
         "| Method | " + " | ".join(f"lr {x:g}" for x in s["lrs"]) + " |",
         "|---|" + "---:|" * len(s["lrs"]),
-        *[f"| {m[1]} | " + " | ".join(f"{100 * grid[m[0]][lr]:.1f}" for lr in s["lrs"]) + " |"
-          for m in METHODS], "",
-        "Loss curves (seed 0, chosen lr): `reproduce_loss.png`.", "",
+        *[f"| {m[1]} | " + " | ".join(f"{100 * grid[m[0]][lr]:.1f}" if lr in grid.get(m[0], {}) else ""
+                                      for lr in s["lrs"]) + " |" for m in METHODS], "",
+        f"Loss curves (seed 0, chosen lr): `{os.path.basename(path).replace('.md', '_loss.png')}`.", "",
     ]
     order = sorted(chosen, key=lambda k: -statistics.fmean(chosen[k]["test"]))
     best = ", ".join(f"{next(m[1] for m in METHODS if m[0] == k)} {100 * statistics.fmean(chosen[k]['test']):.1f}"
                      for k in order)
     lines += ["## Reading", "", f"Test accuracy, best first: {best}.", ""]
+    if len(chosen) < len(METHODS):
+        lines += [f"**Incomplete: {len(METHODS) - len(chosen)} of {len(METHODS)} methods not run yet.**", ""]
     text_atomic("\n".join(lines), path)
 
 
@@ -276,6 +283,16 @@ def main() -> int:
     log(f"base test accuracy {100 * base_acc:.1f}%")
     grid: dict = {}
     chosen: dict = {}
+    out = os.path.join(args.results, "reproduce.md" if not args.quick else "reproduce_quick.md")
+    cmd = "python bench/reproduce_paper.py" + (" --quick" if args.quick else "")
+
+    def report(chosen: dict, grid: dict) -> None:
+        from rwkv_bone.plot import plot_runs
+
+        plot_runs([chosen[m[0]]["dirs"][0] for m in METHODS if m[0] in chosen],
+                  os.path.join(args.results, "reproduce_loss.png" if not args.quick else "reproduce_quick_loss.png"))
+        write_report(out, s, mode, chosen, grid, base_acc, data, time.time() - t_start, cmd)
+
     for m in METHODS:
         # lr chosen on seed 0's dev accuracy (ties: lower final training loss), then every seed at it.
         grid[m[0]] = {}
@@ -291,12 +308,7 @@ def main() -> int:
                         "test": [r["test_acc"] for r in runs], "loss": [r["final_train_loss"] for r in runs],
                         "dirs": [os.path.join(work, "runs", f"{m[0]}-lr{lr:g}-s{sd}") for sd in s["seeds"]]}
         log(f"{m[1]:15s} chosen lr {lr:g}: test {_pm(chosen[m[0]]['test'])}%")
-    from rwkv_bone.plot import plot_runs
-
-    plot_runs([chosen[m[0]]["dirs"][0] for m in METHODS], os.path.join(args.results, "reproduce_loss.png"))
-    cmd = "python bench/reproduce_paper.py" + (" --quick" if args.quick else "")
-    out = os.path.join(args.results, "reproduce.md" if not args.quick else "reproduce_quick.md")
-    write_report(out, s, mode, chosen, grid, base_acc, data, time.time() - t_start, cmd)
+        report(chosen, grid)  # after every method, so an interrupted run leaves its table so far
     with open(os.path.join(work, "chosen.json"), "w") as f:
         json.dump(chosen, f, indent=1)
     log(f"wrote {out} in {(time.time() - t_start) / 60:.1f} min")
