@@ -189,3 +189,41 @@ def test_a_model_trained_to_memorise_answers_scores_them(tmp_path, monkeypatch, 
     assert "accuracy: 100.00% (4/4)" in out, out
     rows = [json.loads(x) for x in (tmp_path / "ev" / "predictions.jsonl").read_text().splitlines()]
     assert [r["completion"].strip() for r in rows] == [r["answer"] for r in recs]
+
+
+class Scripted(torch.nn.Module):
+    """Greedy continuation = `script` (byte ids) then token 0, whatever the prompt."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.config = type("C", (), {"vocab_size": 260})()
+        self.emb = torch.nn.Embedding(1, 1)
+        self.script = [b + 1 for b in text.encode("utf-8")] + [0]
+
+    def _logits(self, n):  # n = tokens made so far per row
+        out = torch.zeros(len(n), 260)
+        for row, k in enumerate(n):
+            out[row, self.script[min(k, len(self.script) - 1)]] = 1.0
+        return out
+
+    def forward_with_state(self, idx, state):  # one "layer" whose state counts the tokens made
+        return self._logits([0])[:, None].expand(1, idx.shape[1], 260), [(torch.zeros(1, 1),)]
+
+    def step(self, tokens, state):
+        made = state[0][0] + 1
+        return self._logits([int(k) for k in made[:, 0]]), [(made,)]
+
+
+def test_completion_ends_before_the_next_user_turn(tmp_path, byte_vocab):
+    from rwkv_bone.eval.evaluate import EvalOptions, evaluate
+
+    data = write_jsonl(tmp_path / "t.jsonl", GSM[:3])
+    o = EvalOptions(model=str(byte_vocab), data=str(data), task="gsm8k", output=str(tmp_path / "o"),
+                    tokenizer=str(byte_vocab), batch_size=2, progress=False, quiet=True)
+    model = Scripted("1 + 2 = 3.\n#### 3\n\nUser: and now?\n\nAssistant: 42")
+    summary = evaluate(o, model=model, tokenizer=WorldTokenizer(str(byte_vocab)))
+    rows = [json.loads(x) for x in (tmp_path / "o" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["completion"] for r in rows] == ["1 + 2 = 3.\n#### 3"] * 3
+    assert [r["correct"] for r in rows] == [True, False, False] and summary["correct"] == 1
+    # Stopping there, not after max_tokens: far fewer tokens than 3 x 256 were generated.
+    assert summary["tokens"] == 3 * len("1 + 2 = 3.\n#### 3\n\nUser:")
