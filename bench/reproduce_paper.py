@@ -90,9 +90,13 @@ def tokenize(src: str, prefix: str, vocab: str, ctx_len: int | None = None):
 
 
 def build_data(work: str, s: dict) -> dict:
-    """Corpus, vocab, binidx files; returns their paths."""
+    """Corpus, vocab, binidx files (built once per --work folder); returns their paths."""
     d = os.path.join(work, "data")
     os.makedirs(d, exist_ok=True)
+    done = os.path.join(d, "paths.json")
+    if os.path.isfile(done):
+        with open(done) as f:
+            return json.load(f)
     sizes = {"test": s["test"], "dev": s["dev"], "train": s["train"], "pretrain": s["pretrain_problems"]}
     splits = pc.make_splits(sizes, {"test": 101, "dev": 202, "train": 303, "pretrain": 404})
     qs = {k: {r["question"] for r in v} for k, v in splits.items()}
@@ -120,6 +124,9 @@ def build_data(work: str, s: dict) -> dict:
 
     longest = int(max(MMapIndexedDataset(sft.prefix).sizes))
     paths["sft_ctx"] = -(-longest // 16) * 16  # every document fits whole
+    from rwkv_bone.cli import text_atomic
+
+    text_atomic(json.dumps(paths), done)
     return paths
 
 
@@ -147,7 +154,7 @@ def finetune_and_eval(work: str, s: dict, data: dict, base: str, method: tuple, 
     from rwkv_bone.eval.evaluate import EvalOptions, evaluate
 
     key, label, _, flags = method
-    proj = os.path.join(work, "runs", f"{key}-lr{lr:g}-s{seed}")
+    proj = run_dir(work, key, lr, seed)
     result_path = os.path.join(proj, "result.json")
     res = {}
     if os.path.isfile(result_path):
@@ -186,10 +193,51 @@ def finetune_and_eval(work: str, s: dict, data: dict, base: str, method: tuple, 
 def base_accuracy(work: str, s: dict, data: dict, base: str) -> float:
     from rwkv_bone.eval.evaluate import EvalOptions, evaluate
 
+    cached = os.path.join(os.path.dirname(base), "eval-test", "summary.json")
+    if os.path.isfile(cached):
+        with open(cached) as f:
+            return json.load(f)["accuracy"]
     summary = evaluate(EvalOptions(model=base, data=data["test"], task="gsm8k", tokenizer=data["vocab"],
                                    output=os.path.join(os.path.dirname(base), "eval-test"),
                                    max_tokens=s["max_tokens"], progress=False, quiet=True))
     return summary["accuracy"]
+
+
+def run_dir(work: str, key: str, lr: float, seed: int) -> str:
+    return os.path.join(work, "runs", f"{key}-lr{lr:g}-s{seed}")
+
+
+def _result(work: str, key: str, lr: float, seed: int) -> dict:
+    path = os.path.join(run_dir(work, key, lr, seed), "result.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def choose_lr(grid: dict, losses: dict, lrs) -> float:
+    """Best seed-0 dev accuracy; ties go to the lower final training loss."""
+    return max(lrs, key=lambda x: (grid[x], -losses[x]))
+
+
+def collect(work: str, s: dict) -> tuple[dict, dict]:
+    """(chosen, grid) of every method whose runs are finished, from the result files (so several
+    processes, each running some --methods, produce one table)."""
+    chosen, grid = {}, {}
+    seed0 = s["seeds"][0]
+    for key, *_ in METHODS:
+        r0 = {lr: _result(work, key, lr, seed0) for lr in s["lrs"]}
+        grid[key] = {lr: r["dev_acc"] for lr, r in r0.items() if "dev_acc" in r}
+        if len(grid[key]) < len(s["lrs"]):
+            continue
+        lr = choose_lr(grid[key], {x: r0[x]["final_train_loss"] for x in s["lrs"]}, s["lrs"])
+        runs = [_result(work, key, lr, sd) for sd in s["seeds"]]
+        if not all("test_acc" in r for r in runs):
+            continue
+        chosen[key] = {"lr": lr, "trainable": runs[0]["trainable"], "dev": [r["dev_acc"] for r in runs],
+                       "test": [r["test_acc"] for r in runs], "loss": [r["final_train_loss"] for r in runs],
+                       "dirs": [run_dir(work, key, lr, sd) for sd in s["seeds"]]}
+    return chosen, grid
 
 
 def _pm(values: list[float]) -> str:
@@ -217,7 +265,7 @@ def write_report(path: str, s: dict, mode: str, chosen: dict, grid: dict, base_a
     n_seeds = len(s["seeds"])
     lines = [
         "# The paper's comparisons at CPU scale", "",
-        f"Command: `{cmd}` ({mode} setting, {elapsed / 60:.1f} min on this machine, "
+        f"Command: `{cmd}` ({mode} setting, {elapsed / 60:.1f} min wall time from the first start on this machine, "
         f"{torch.get_num_threads()} torch thread(s)).", "",
         f"Base: RWKV-6 L{s['n_layer']} C{s['n_embd']}, vocab {data['vocab_size']} (word-level World vocab), "
         f"pre-trained from scratch for {s['pretrain_steps']} steps on the demo text plus "
@@ -263,9 +311,17 @@ def main() -> int:
                     help="where reproduce.md and reproduce_loss.png go")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on a shared machine more threads are slower)")
+    ap.add_argument("--methods", default="",
+                    help="run only these (comma separated keys: " + ", ".join(m[0] for m in METHODS)
+                         + "); the report always covers every finished method")
     args = ap.parse_args()
     if args.threads < 1:
         ap.error("--threads must be at least 1")
+    keys = [k for k in args.methods.split(",") if k]
+    bad = [k for k in keys if k not in [m[0] for m in METHODS]]
+    if bad:
+        ap.error(f"unknown method {bad[0]}; choose from {', '.join(m[0] for m in METHODS)}")
+    methods = [m for m in METHODS if not keys or m[0] in keys]
     mode = "quick" if args.quick else "full"
     s = SETTINGS[mode]
     work = os.path.join(os.path.abspath(args.work), mode)
@@ -274,43 +330,45 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    t_start = time.time()
+    stamp = os.path.join(work, "started")  # the pipeline's first start: elapsed covers every process
+    if not os.path.isfile(stamp):
+        with open(stamp, "w") as f:
+            f.write(str(time.time()))
+    with open(stamp) as f:
+        t_start = float(f.read())
     data = build_data(work, s)
     log(f"data: {s['train']} train / {s['dev']} dev / {s['test']} test problems, vocab {data['vocab']}, "
         f"sft ctx_len {data['sft_ctx']}")
     base = pretrain(work, s, data)
     base_acc = base_accuracy(work, s, data, base)
     log(f"base test accuracy {100 * base_acc:.1f}%")
-    grid: dict = {}
-    chosen: dict = {}
     out = os.path.join(args.results, "reproduce.md" if not args.quick else "reproduce_quick.md")
     cmd = "python bench/reproduce_paper.py" + (" --quick" if args.quick else "")
 
-    def report(chosen: dict, grid: dict) -> None:
+    def report() -> None:
         from rwkv_bone.plot import plot_runs
 
-        plot_runs([chosen[m[0]]["dirs"][0] for m in METHODS if m[0] in chosen],
-                  os.path.join(args.results, "reproduce_loss.png" if not args.quick else "reproduce_quick_loss.png"))
+        chosen, grid = collect(work, s)
+        if chosen:
+            plot_runs([chosen[m[0]]["dirs"][0] for m in METHODS if m[0] in chosen],
+                      os.path.join(args.results, os.path.basename(out).replace(".md", "_loss.png")))
         write_report(out, s, mode, chosen, grid, base_acc, data, time.time() - t_start, cmd)
+        with open(os.path.join(work, "chosen.json"), "w") as f:
+            json.dump(chosen, f, indent=1)
 
-    for m in METHODS:
+    for m in methods:
         # lr chosen on seed 0's dev accuracy (ties: lower final training loss), then every seed at it.
-        grid[m[0]] = {}
-        for lr in s["lrs"]:
-            r = finetune_and_eval(work, s, data, base, m, lr, s["seeds"][0], ("dev",))
-            grid[m[0]][lr] = r["dev_acc"]
-            log(f"{m[1]:15s} lr {lr:g} seed {s['seeds'][0]}: dev {100 * r['dev_acc']:.1f}%  "
+        seed0 = s["seeds"][0]
+        r0 = {lr: finetune_and_eval(work, s, data, base, m, lr, seed0, ("dev",)) for lr in s["lrs"]}
+        for lr, r in r0.items():
+            log(f"{m[1]:15s} lr {lr:g} seed {seed0}: dev {100 * r['dev_acc']:.1f}%  "
                 f"train loss {r['final_train_loss']:.3f}  ({r.get('train_s', 0):.0f} s train)")
-        lr = max(s["lrs"], key=lambda x: (grid[m[0]][x], -finetune_and_eval(
-            work, s, data, base, m, x, s["seeds"][0], ())["final_train_loss"]))
+        lr = choose_lr({x: r["dev_acc"] for x, r in r0.items()}, {x: r["final_train_loss"] for x, r in r0.items()},
+                       s["lrs"])
         runs = [finetune_and_eval(work, s, data, base, m, lr, sd, ("dev", "test")) for sd in s["seeds"]]
-        chosen[m[0]] = {"lr": lr, "trainable": runs[0]["trainable"], "dev": [r["dev_acc"] for r in runs],
-                        "test": [r["test_acc"] for r in runs], "loss": [r["final_train_loss"] for r in runs],
-                        "dirs": [os.path.join(work, "runs", f"{m[0]}-lr{lr:g}-s{sd}") for sd in s["seeds"]]}
-        log(f"{m[1]:15s} chosen lr {lr:g}: test {_pm(chosen[m[0]]['test'])}%")
-        report(chosen, grid)  # after every method, so an interrupted run leaves its table so far
-    with open(os.path.join(work, "chosen.json"), "w") as f:
-        json.dump(chosen, f, indent=1)
+        log(f"{m[1]:15s} chosen lr {lr:g}: test {_pm([r['test_acc'] for r in runs])}%")
+        report()  # after every method, so an interrupted run leaves its table so far
+    report()
     log(f"wrote {out} in {(time.time() - t_start) / 60:.1f} min")
     return 0
 
