@@ -297,6 +297,14 @@ def write_report(path: str, s: dict, mode: str, chosen: dict, grid: dict, base_a
     best = ", ".join(f"{next(m[1] for m in METHODS if m[0] == k)} {100 * statistics.fmean(chosen[k]['test']):.1f}"
                      for k in order)
     lines += ["## Reading", "", f"Test accuracy, best first: {best}.", ""]
+    if chosen:
+        means = [statistics.fmean(c["test"]) for c in chosen.values()]
+        width = 1.96 * (0.25 / s["test"]) ** 0.5
+        spread = max(means) - min(means)
+        lines += [f"The spread between the best and the worst method is {100 * spread:.1f} points; one test "
+                  f"accuracy's 95% interval is about +-{100 * width:.0f} points"
+                  + (", so at this scale the table does not separate the methods reliably." if spread < width
+                     else "."), ""]
     if len(chosen) < len(METHODS):
         lines += [f"**Incomplete: {len(METHODS) - len(chosen)} of {len(METHODS)} methods not run yet.**", ""]
     text_atomic("\n".join(lines), path)
@@ -352,7 +360,15 @@ def main() -> int:
         if chosen:
             plot_runs([chosen[m[0]]["dirs"][0] for m in METHODS if m[0] in chosen],
                       os.path.join(args.results, os.path.basename(out).replace(".md", "_loss.png")))
-        write_report(out, s, mode, chosen, grid, base_acc, data, time.time() - t_start, cmd)
+        end = time.time()
+        finished = os.path.join(work, "finished")  # the wall time is the one of the complete run
+        if len(chosen) == len(METHODS):
+            if not os.path.isfile(finished):
+                with open(finished, "w") as f:
+                    f.write(str(end))
+            with open(finished) as f:
+                end = float(f.read())
+        write_report(out, s, mode, chosen, grid, base_acc, data, end - t_start, cmd)
         with open(os.path.join(work, "chosen.json"), "w") as f:
             json.dump(chosen, f, indent=1)
 
