@@ -162,6 +162,17 @@ class RWKV6(nn.Module):
     ) -> tuple[Tensor, list[LayerState]]:
         """Process idx (B, T) continuing from `state` (None = start of text); returns the state after
         the last token, so feeding a sequence in pieces gives the same logits as feeding it whole."""
+        h, new_state = self.forward_features(idx, state)
+        logits = self.head(h)
+        if logits.dtype in (torch.bfloat16, torch.float16):
+            logits = logits.float()
+        return logits, new_state
+
+    def forward_features(
+        self, idx: Tensor, state: Optional[list[LayerState]] = None
+    ) -> tuple[Tensor, list[LayerState]]:
+        """As forward_with_state, but returns the hidden states ln_out(x) (B, T, C) that the head
+        maps to logits (the chunked loss applies the head itself, a chunk at a time)."""
         if idx.dim() != 2:
             raise UserError(f"token ids must have shape (batch, time), got {tuple(idx.shape)}")
         if idx.shape[1] == 0:
@@ -178,10 +189,7 @@ class RWKV6(nn.Module):
             else:
                 x, att_x, wkv, ffn_x = block(x, att_x, wkv, ffn_x)
             new_state.append((att_x, wkv, ffn_x))
-        logits = self.head(self.ln_out(x))
-        if logits.dtype in (torch.bfloat16, torch.float16):
-            logits = logits.float()
-        return logits, new_state
+        return self.ln_out(x), new_state
 
     def zero_state(self, batch_size: int) -> list[LayerState]:
         """The state before any token (equivalent to passing state=None)."""

@@ -250,3 +250,28 @@ def test_plot_overlays_runs_labelled_from_their_settings(tmp_path):
     assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(UserError, match="metrics.csv does not exist"):
         plot.main([str(tmp_path / "nothing")])
+
+
+def test_chunked_and_plain_cross_entropy_train_the_same_adapter(files, tmp_path):
+    docs = [[3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 0], [20, 21, 22, 23, 24, 0]] * 4
+    masks = [[0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1]] * 4
+    data = sft_data(str(tmp_path / "sft"), docs, masks)
+    adapters = []
+    for chunked in (0, 1):
+        proj = str(tmp_path / f"ce{chunked}")
+        flags = base_flags(files["ckpt"], data, proj, data_type="sft", ctx_len=12, epoch_count=1,
+                           chunked_ce=chunked, l2wrap=1)
+        assert run(parse_args(flags)) == 0
+        sd = torch.load(os.path.join(proj, "rwkv-0.pth"), weights_only=True)
+        sd.pop("__peft__")
+        adapters.append(sd)
+    assert adapters[0].keys() == adapters[1].keys()
+    for k in adapters[0]:
+        assert adapters[0][k].abs().sum() > 0
+        torch.testing.assert_close(adapters[1][k], adapters[0][k], rtol=1e-4, atol=1e-6)
+
+
+def test_l2wrap_defaults_on_for_full_training_and_off_for_adapters(files):
+    assert parse_args(base_flags(files["ckpt"], files["data"], "x", peft="none", bone_b=None)).l2wrap is True
+    assert parse_args(base_flags(files["ckpt"], files["data"], "x")).l2wrap is False
+    assert parse_args(base_flags(files["ckpt"], files["data"], "x", l2wrap=1)).l2wrap is True

@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (2-D+ tensors only)")
     g.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
     g.add_argument("--grad_cp", type=_bool01, default=False, help="1: activation checkpointing per block")
+    g.add_argument("--chunked_ce", type=_bool01, default=True,
+                   help="1: head + cross-entropy in token chunks, recomputed in backward (the (B, T, V) "
+                        "logits never exist whole); 0: the plain path")
+    g.add_argument("--l2wrap", type=_bool01, default=None,
+                   help="RWKV's L2Wrap (a 1e-4/tokens pull on each position's largest logit); "
+                        "default: on for --peft none, off for adapters")
 
     g = p.add_argument_group("adapter")
     g.add_argument("--peft", default="bone", choices=PEFT_METHODS, help="adapter method (none = train all weights)")
@@ -199,6 +205,8 @@ def validate(args: argparse.Namespace) -> None:
                  "n_layer", "n_embd", "vocab_size"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must not be negative, got {getattr(args, name)}")
+    if args.l2wrap is None:
+        args.l2wrap = args.peft == "none"
     if args.lr_final is None:
         args.lr_final = args.lr_init
     if args.lr_init <= 0 or args.lr_final < 0:

@@ -1,7 +1,8 @@
 """The LightningModule: RWKV-6 (+ adapters), next-token cross-entropy, AdamW on what trains.
 
 loss = mean over trained positions t of -log softmax(logits_t)[y_t], logits taken in fp32;
-with an sft loss mask m (1 = response token) it is sum_t m_t * l_t / max(1, sum_t m_t).
+with an sft loss mask m (1 = response token) it is sum_t m_t * l_t / max(1, sum_t m_t)
+(rwkv_bone.train.loss: by default in token chunks, so the (B, T, V) logits never exist whole).
 
 The learning rate is set from `schedule.lr_at(step)` before every micro-batch and dropout draws
 from a generator re-seeded from (seed, step, rank, micro-batch), so nothing random or stateful
@@ -14,25 +15,16 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
 
 from .data import StepSamples
+from .loss import chunked_token_loss, token_loss  # noqa: F401  (token_loss: re-exported)
 from .schedule import lr_at
 
 
 class NonFiniteLoss(RuntimeError):
     """Training produced a NaN/inf loss; the run stops and keeps its last good checkpoint."""
-
-
-def token_loss(logits: Tensor, y: Tensor, mask: Tensor | None = None) -> Tensor:
-    """logits (B, T, V), y (B, T) int64, mask (B, T) float or None -> scalar fp32 loss."""
-    losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")  # (B*T,)
-    if mask is None:
-        return losses.mean()
-    m = mask.flatten().to(losses.dtype)
-    return (losses * m).sum() / m.sum().clamp(min=1.0)
 
 
 def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -92,12 +84,8 @@ class RWKVTrainModule(pl.LightningModule):
         torch.manual_seed(hash((self.args.random_seed, self.step, self.global_rank, micro)) % (2**63))
         x, y = batch[0], batch[1]  # (B, T) int64 each
         mask = batch[2] if len(batch) > 2 else None  # (B, T) float32, sft only
-        if self.autocast_bf16:
-            with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
-                logits = self.model(x)  # (B, T, V)
-        else:
-            logits = self.model(x)
-        loss = token_loss(logits, y, mask)
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
+            loss = self.batch_loss(x, y, mask)
         value = loss.item()
         bad = torch.tensor(0.0 if math.isfinite(value) else 1.0, device=loss.device)
         if self.trainer.world_size > 1:  # every rank stops together
@@ -111,6 +99,15 @@ class RWKVTrainModule(pl.LightningModule):
         self.last_loss = float(value)
         self.log("loss", loss.detach(), prog_bar=True, logger=False, on_step=True, on_epoch=False)
         return loss
+
+    def batch_loss(self, x: Tensor, y: Tensor, mask: Tensor | None) -> Tensor:
+        """Scalar fp32 loss of one micro-batch (--chunked_ce: never the whole (B, T, V) logits)."""
+        a = self.args
+        l2wrap = bool(getattr(a, "l2wrap", False))
+        if getattr(a, "chunked_ce", True):
+            h, _ = self.model.forward_features(x)  # (B, T, C)
+            return chunked_token_loss(self.model.head, h, y, mask, l2wrap=l2wrap)
+        return token_loss(self.model(x), y, mask, l2wrap=l2wrap)
 
     def configure_optimizers(self):
         a = self.args
