@@ -3,7 +3,7 @@ with the carried recurrent state (no growing cache, constant cost per token).
 
     logits, state = feed(prompt)                       # in chunks; only the last logits are kept
     repeat: t = sample_next(logits); stop on end-of-document (id 0) or a stop string
-            logits, state = feed([t], state)
+            logits, state = model.step([t], state)     # the one-token path (rwkv_bone.decode)
 
 Sampling (`sample_next`), over the model's logits l (V,):
     temperature 0: greedy, argmax l.
@@ -24,12 +24,11 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .decode import EOD_ID, PROMPT_CHUNK, advance, feed  # noqa: F401 - feed/PROMPT_CHUNK re-exported
 from .errors import UserError
-from .model import RWKV6, LayerState
+from .model import RWKV6
 
-EOD_ID = 0                # end of document: generation always stops here
 DEFAULT_TOP_P = 0.85      # the nucleus the RWKV reference demos use
-PROMPT_CHUNK = 256        # prompt tokens per forward: bounds the (T, V) logits held at once
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -108,21 +107,6 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_p: float = 1.0,
     return int(order[torch.multinomial(nucleus, 1, generator=generator)])
 
 
-def feed(model: RWKV6, ids: Sequence[int], state: Optional[list[LayerState]] = None,
-         chunk: int = PROMPT_CHUNK) -> tuple[Tensor, list[LayerState]]:
-    """Run `ids` through the model after `state`; returns the logits (V,) at the last token and the
-    state after it. Pieces of `chunk` tokens give the same result as one pass (the state carries)."""
-    if len(ids) == 0:
-        raise UserError("nothing to feed the model; pass at least one token")
-    device = model.emb.weight.device
-    logits = None
-    for start in range(0, len(ids), chunk):
-        idx = torch.tensor([list(ids[start:start + chunk])], dtype=torch.long, device=device)  # (1, t)
-        out, state = model.forward_with_state(idx, state)  # (1, t, V)
-        logits = out[0, -1]
-    return logits, state
-
-
 @torch.inference_mode()
 def generate_tokens(model: RWKV6, prompt_ids: Sequence[int], max_tokens: int = 200, *,
                     temperature: float = 1.0, top_p: float = DEFAULT_TOP_P,
@@ -157,7 +141,7 @@ def generate_tokens(model: RWKV6, prompt_ids: Sequence[int], max_tokens: int = 2
             return
         yield token
         if n + 1 < max_tokens:
-            logits, state = feed(model, [token], state)
+            logits, state = advance(model, token, state)
 
 
 class TextStream:

@@ -326,3 +326,59 @@ class RWKV6(nn.Module):
 
         check_writable_dir(path, "checkpoint")
         torch_save_atomic(self.official_state_dict(dtype), path)
+
+    # ---- one-token inference step -----------------------------------------------------------
+    @torch.no_grad()
+    def step(self, tokens: Tensor, state: list[LayerState]) -> tuple[Tensor, list[LayerState]]:
+        """Advance every row of `state` by one token: tokens (B,) int64 -> logits (B, V) float32
+        (float64 for a float64 model) and the new state. The same arithmetic as forward_with_state
+        at T = 1, written as plain per-head matrix ops (no token shift concat, no chunked WKV), which
+        is what makes greedy decoding cheap. Self-contained on purpose: it reads only the modules'
+        weights, so it keeps working whatever else forward_with_state grows."""
+        x = self.emb(tokens)  # (B, C)
+        new_state: list[LayerState] = []
+        for i, block in enumerate(self.blocks):
+            att_x, wkv, ffn_x = state[i]
+            if i == 0:
+                x = block.ln0(x)
+            a, att_x, wkv = _time_mix_step(block.att, block.ln1(x), att_x, wkv)
+            x = x + a
+            f, ffn_x = _channel_mix_step(block.ffn, block.ln2(x), ffn_x)
+            x = x + f
+            new_state.append((att_x, wkv, ffn_x))
+        logits = self.head(self.ln_out(x))
+        if logits.dtype in (torch.bfloat16, torch.float16):
+            logits = logits.float()
+        return logits, new_state
+
+
+def _time_mix_step(att: TimeMix, x: Tensor, prev: Tensor, S: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """TimeMix for one token: x, prev (B, C), S (B, H, N, N) -> out (B, C), x, new S. With
+    d = exp(-exp(w)): y = r (S + diag(u) k^T v) = r S + (r . u . k) v, S' = diag(d) S + k^T v."""
+    B, C = x.shape
+    H, N = att.n_head, att.head_size
+    xx = prev.to(x.dtype) - x
+    m = torch.tanh((x + xx * att.time_maa_x[0]) @ att.time_maa_w1)  # (B, 5 Dm)
+    m = torch.bmm(m.view(B, 5, att.dim_maa).transpose(0, 1), att.time_maa_w2)  # (5, B, C)
+    mw, mk, mv, mr, mg = m.unbind(0)
+    xw = x + xx * (att.time_maa_w[0] + mw)
+    r = att.receptance(x + xx * (att.time_maa_r[0] + mr))  # (B, A)
+    k = att.key(x + xx * (att.time_maa_k[0] + mk))
+    v = att.value(x + xx * (att.time_maa_v[0] + mv))
+    g = F.silu(att.gate(x + xx * (att.time_maa_g[0] + mg)))
+    wdt = S.dtype  # float32 (float64 for a float64 model), as in forward
+    w = att.time_decay[0].to(wdt) + (torch.tanh(xw @ att.time_decay_w1) @ att.time_decay_w2).to(wdt)
+    d = torch.exp(-torch.exp(w)).view(B, H, N, 1)
+    r, k, v = (t.to(wdt).view(B, H, N) for t in (r, k, v))
+    u = att.time_faaaa.to(wdt)  # (H, N)
+    y = torch.matmul(r.unsqueeze(2), S).squeeze(2) + (r * u * k).sum(-1, keepdim=True) * v  # (B, H, N)
+    S = d * S + k.unsqueeze(3) * v.unsqueeze(2)
+    y = F.group_norm(y.reshape(B, H * N), H, att.ln_x.weight.to(wdt), att.ln_x.bias.to(wdt), LN_X_EPS)
+    return att.output(y.to(x.dtype) * g), x, S
+
+
+def _channel_mix_step(ffn: ChannelMix, x: Tensor, prev: Tensor) -> tuple[Tensor, Tensor]:
+    """ChannelMix for one token: x, prev (B, C) -> out (B, C), x."""
+    xx = prev.to(x.dtype) - x
+    kv = ffn.value(torch.relu(ffn.key(x + xx * ffn.time_maa_k[0])) ** 2)
+    return torch.sigmoid(ffn.receptance(x + xx * ffn.time_maa_r[0])) * kv, x

@@ -32,6 +32,7 @@ STRATEGIES = (
     "deepspeed_stage_3_offload",
 )
 # What --precision accepts, mapped to the two behaviours we implement (see `precision_mode`).
+VALID_TASKS = ("none", "gsm8k", "math", "exact")
 PRECISIONS = {"bf16": "bf16", "bf16-mixed": "bf16", "fp32": "fp32", "32": "fp32", "32-true": "fp32"}
 
 
@@ -137,6 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue from PROJ_DIR's last saved training state")
     g.add_argument("--dry_run", action="store_true", help="print dims and trainable parameter count, then exit")
     g.add_argument("--progress", type=_bool01, default=True, help="show the progress bar")
+
+    g = p.add_argument_group("validation")
+    g.add_argument("--valid_data", default="",
+                   help="held-out data scored during training: a .jsonl (as for make_data / eval.py) or a "
+                        "make_data binidx prefix with its mask; logs valid_loss / valid_ppl")
+    g.add_argument("--valid_every", type=int, default=0,
+                   help="validate every this many optimizer steps (0 = at every epoch end); always after the last")
+    g.add_argument("--valid_task", default="none", choices=VALID_TASKS,
+                   help="also log valid_acc, greedy accuracy as eval.py --task scores it (needs a .jsonl)")
+    g.add_argument("--valid_limit", type=int, default=100, help="records scored for valid_acc")
+    g.add_argument("--valid_max_tokens", type=int, default=256, help="new tokens per answer for valid_acc")
+    g.add_argument("--valid_tokenizer", default="",
+                   help="tokenizer for a .jsonl --valid_data: tokenizer.json or World vocab .txt (default World)")
     return p
 
 
@@ -186,6 +200,22 @@ def method_label(args: argparse.Namespace) -> str:
     if args.peft == "state":
         return "state"
     return "full"
+
+
+def validate_valid_args(args: argparse.Namespace) -> None:
+    """--valid_* combinations that cannot work."""
+    if not args.valid_data:
+        if args.valid_task != "none" or args.valid_every:
+            raise UserError("--valid_every and --valid_task need --valid_data (a held-out .jsonl or binidx prefix)")
+        return
+    if args.valid_every < 0 or args.valid_limit < 1 or args.valid_max_tokens < 1:
+        raise UserError("--valid_every must not be negative; --valid_limit and --valid_max_tokens must be at least 1")
+    if args.valid_task != "none" and not args.valid_data.endswith(".jsonl"):
+        raise UserError(f"--valid_task {args.valid_task} needs question/answer records: give --valid_data as a "
+                        ".jsonl file (a binidx prefix holds only tokens, enough for the loss)")
+    if args.strategy.startswith("deepspeed_stage_3"):
+        raise UserError("--valid_data does not work with ZeRO stage 3 (the weights are sharded); use "
+                        "deepspeed_stage_2, or score the saved adapter with eval.py")
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -270,6 +300,7 @@ def validate(args: argparse.Namespace) -> None:
 
     if args.dry_run:
         return
+    validate_valid_args(args)
     if not args.data_file:
         raise UserError("--data_file is required: the binidx prefix (PREFIX.bin / PREFIX.idx, without extension)")
     if args.magic_prime and args.data_type == "sft":

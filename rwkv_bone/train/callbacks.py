@@ -5,8 +5,9 @@ Files (rank 0 writes them; collective parts - loss averaging, gathering ZeRO ten
 state - run on every rank):
 - PROJ_DIR/train_log.txt: "NEW RUN <timestamp>", the arguments, then per epoch the RWKV line
   `{epoch} {loss:.6f} {exp(loss):.4f} {lr:.8f} {datetime} {epoch}` (loss = mean over the epoch).
-- PROJ_DIR/metrics.csv: step,loss,lr,tokens,kt/s,peak_mem_mb (one row per optimizer step; the
-  loss is averaged over micro-batches and ranks). A resumed run drops rows after its state's step.
+- PROJ_DIR/metrics.csv: step,loss,lr,tokens,kt/s,peak_mem_mb,valid_loss,valid_ppl,valid_acc (one row
+  per optimizer step; the loss is averaged over micro-batches and ranks; the valid_* columns are
+  filled on --valid_data steps). A resumed run drops rows after its state's step.
 - W&B (--wandb PROJECT): loss, lr, Gtokens, kt/s per step. Without WANDB_MODE set and without a
   W&B login (WANDB_API_KEY or ~/.netrc), the run is recorded offline (`wandb sync` uploads it later).
 """
@@ -28,7 +29,7 @@ from ..errors import UserError
 from . import checkpoints as ck
 
 METRICS_FILE = "metrics.csv"
-METRICS_HEADER = ["step", "loss", "lr", "tokens", "kt/s", "peak_mem_mb"]
+METRICS_HEADER = ["step", "loss", "lr", "tokens", "kt/s", "peak_mem_mb", "valid_loss", "valid_ppl", "valid_acc"]
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -148,10 +149,12 @@ class RunRecorder(pl.Callback):
         self.epoch_loss_count += 1
         if trainer.is_global_zero:
             tokens = step * self.tokens_per_step
+            valid = getattr(pl_module, "valid_metrics", None) or {}  # set by train/validate.py's Validator
+            vcols = ",".join(f"{valid[k]:.6f}" if k in valid else "" for k in ("valid_loss", "valid_ppl", "valid_acc"))
             with open(self.path(METRICS_FILE), "a") as f:
-                f.write(f"{step},{loss:.6f},{lr:.8g},{tokens},{kts:.3f},{peak_memory_mb(pl_module.device):.1f}\n")
+                f.write(f"{step},{loss:.6f},{lr:.8g},{tokens},{kts:.3f},{peak_memory_mb(pl_module.device):.1f},{vcols}\n")
             if self.wandb_run is not None:
-                self.wandb_run.log({"loss": loss, "lr": lr, "Gtokens": tokens / 1e9, "kt/s": kts}, step=step)
+                self.wandb_run.log({"loss": loss, "lr": lr, "Gtokens": tokens / 1e9, "kt/s": kts, **valid}, step=step)
 
         epoch_end = step % self.args.epoch_steps == 0 or step == self.total_steps
         if epoch_end:

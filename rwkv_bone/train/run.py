@@ -248,6 +248,11 @@ def build_run(args: argparse.Namespace) -> TrainRun | None:
                            deepspeed_on=deepspeed_on, full_model=args.peft == "none", run_name=run_name,
                            resume_info=resume_info, full_dtype=torch.bfloat16 if bf16 else torch.float32)
     recorder.init_factors = ck.init_factor_buffers(model)
+    callbacks: list = [recorder]
+    if args.valid_data:
+        from .validate import Validator
+
+        callbacks.insert(0, Validator(args, total_steps))  # before the recorder, which writes its numbers
     trainer = pl.Trainer(
         accelerator=accelerator,
         devices=args.devices,
@@ -264,6 +269,6 @@ def build_run(args: argparse.Namespace) -> TrainRun | None:
         enable_model_summary=False,
         use_distributed_sampler=False,
         num_sanity_val_steps=0,
-        callbacks=[recorder],
+        callbacks=callbacks,
     )
     return TrainRun(trainer, module, recorder, args)
