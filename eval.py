@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="the RWKV-6 checkpoint (.pth)")
     p.add_argument("--adapter", action="append", default=[],
-                   help="an adapter (.pth) trained on --model, folded in before evaluating")
+                   help="an adapter trained on --model (any format merge.py reads), folded in before evaluating; repeatable (e.g. a Bone adapter and a state adapter)")
     p.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha of a peer (RWKV-PEFT) LoRA adapter")
     p.add_argument("--pissa_init", default=None, help="init file of a peer PiSSA adapter")
     p.add_argument("--data", required=True, help="test records (.jsonl); for --task loss also a binidx prefix")

@@ -227,3 +227,40 @@ def test_completion_ends_before_the_next_user_turn(tmp_path, byte_vocab):
     assert [r["correct"] for r in rows] == [True, False, False] and summary["correct"] == 1
     # Stopping there, not after max_tokens: far fewer tokens than 3 x 256 were generated.
     assert summary["tokens"] == 3 * len("1 + 2 = 3.\n#### 3\n\nUser:")
+
+
+def test_a_bone_and_a_state_adapter_together_score_as_their_merged_model(tmp_path, monkeypatch, capsys,
+                                                                          byte_vocab, tiny_checkpoint):
+    from rwkv_bone.model import RWKV6
+
+    base = tiny_checkpoint("base.pth", vocab_size=260)
+    g = torch.Generator().manual_seed(1)
+    bone = RWKV6.from_checkpoint(base)
+    apply_peft(bone, "bone", bone_b=32)
+    state = RWKV6.from_checkpoint(base)
+    apply_peft(state, "state")
+    with torch.no_grad():
+        for m in (bone, state):
+            for p in m.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    save_adapter(bone, tmp_path / "bone.pth")
+    save_adapter(state, tmp_path / "state.pth")
+    spec = importlib.util.spec_from_file_location("merge_cli", ROOT / "merge.py")
+    merge_cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(merge_cli)
+    assert merge_cli.main(["--base", str(base), "--adapter", str(tmp_path / "bone.pth"), "--adapter",
+                           str(tmp_path / "state.pth"), "--output", str(tmp_path / "merged.pth")]) == 0
+    data = write_jsonl(tmp_path / "test.jsonl", GSM)
+    completions = {}
+    for name, flags in (("both", ["--model", base, "--adapter", tmp_path / "bone.pth", "--adapter",
+                                  tmp_path / "state.pth"]),
+                        ("merged", ["--model", tmp_path / "merged.pth"]), ("base", ["--model", base])):
+        code, _, err = run_eval(monkeypatch, capsys, *flags, "--data", data, "--task", "gsm8k", "--output",
+                                tmp_path / name, "--tokenizer", byte_vocab, "--batch_size", 3,
+                                "--max_tokens", 8, "--no_progress")
+        assert code == 0, err
+        rows = (tmp_path / name / "predictions.jsonl").read_text().splitlines()
+        completions[name] = [json.loads(r)["completion"] for r in rows]
+    assert completions["both"] == completions["merged"]
+    assert completions["both"] != completions["base"]

@@ -64,10 +64,8 @@ def check_options(o: EvalOptions) -> None:
     if not os.path.isfile(o.model):
         raise UserError(f"--model {o.model} does not exist; give the path of an RWKV-6 .pth file")
     for a in o.adapters:
-        if not os.path.isfile(a):
+        if not os.path.exists(a):
             raise UserError(f"--adapter {a} does not exist; check the path")
-    if len(o.adapters) > 1:
-        raise UserError("give one --adapter: this build folds a single adapter into the model")
     if o.output is not None:
         parent = os.path.dirname(os.path.abspath(o.output))
         if os.path.exists(o.output) and not os.path.isdir(o.output):
@@ -79,7 +77,7 @@ def check_options(o: EvalOptions) -> None:
 def load_for_eval(o: EvalOptions):
     from ..generate import load_model
 
-    return load_model(o.model, o.adapters[0] if o.adapters else None, dtype=o.dtype, device=o.device,
+    return load_model(o.model, list(o.adapters), dtype=o.dtype, device=o.device,
                       lora_alpha=o.lora_alpha, pissa_init=o.pissa_init)
 
 
