@@ -158,7 +158,8 @@ def build_run(args: argparse.Namespace) -> TrainRun | None:
     if args.my_exit_tokens:
         total_steps = min(total_steps, math.ceil(args.my_exit_tokens / tokens_per_step))
 
-    sampler = open_sampler(args.data_file, args.data_type, args.ctx_len, args.random_seed, args.magic_prime)
+    sampler = open_sampler(args.data_file, args.data_type, args.ctx_len, args.random_seed, args.magic_prime,
+                           sft_pack=bool(getattr(args, "sft_pack", False)))
     os.makedirs(args.proj_dir, exist_ok=True)
     if not os.access(args.proj_dir, os.W_OK):
         raise UserError(f"--proj_dir {args.proj_dir} is not writable; choose another folder")
