@@ -4,7 +4,8 @@
 
 Paths: `wkv6_reference` (per-token loop, the source of truth), `wkv6_chunked` (chunked
 matmul form in PyTorch, exact for any decay; CPU and fallback), `wkv6_cuda` (the CUDA kernel, used
-for CUDA tensors of head size 64 in float32 / bfloat16 / float16 when the extension builds).
+for CUDA tensors of head size 64 in float32 / bfloat16 / float16 when the extension builds and
+passes its first-use self-check against the chunked path, selfcheck.py).
 All are differentiable in every input, the initial state included.
 `doc_start` (B, T) bool (packed documents) zeroes the state before each marked token: natively in
 the chunked path, through a zero decay at the marked token for the kernel (resets.py).
@@ -19,6 +20,7 @@ from .chunked import wkv6_chunked
 from .cuda import HEAD_SIZE, KERNEL_DTYPES, cuda_kernel_available, wkv6_cuda
 from .reference import wkv6_reference
 from .resets import wkv6_with_doc_starts
+from .selfcheck import kernel_trusted
 
 __all__ = ["wkv6", "wkv6_reference", "wkv6_chunked", "wkv6_cuda", "wkv6_with_doc_starts",
            "WKVShapeError", "WKVTypeError"]
@@ -86,6 +88,17 @@ def _check(r, k, v, w, u, state) -> None:
             )
 
 
+def _kernel_applies(r: Tensor, w: Tensor, u: Tensor, state: Tensor | None) -> bool:
+    """Inputs the CUDA kernel takes, where it builds."""
+    return (
+        r.is_cuda
+        and r.dtype in KERNEL_DTYPES
+        and r.shape[-1] == HEAD_SIZE
+        and all(x is None or x.dtype != torch.float64 for x in (w, u, state))
+        and cuda_kernel_available(HEAD_SIZE)
+    )
+
+
 def wkv6(
     r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor | None = None,
     doc_start: Tensor | None = None,
@@ -104,13 +117,7 @@ def wkv6(
     _check(r, k, v, w, u, state)
     if doc_start is not None:
         _check_doc_start(r, doc_start)
-    if (
-        r.is_cuda
-        and r.dtype in KERNEL_DTYPES
-        and r.shape[-1] == HEAD_SIZE
-        and all(x is None or x.dtype != torch.float64 for x in (w, u, state))
-        and cuda_kernel_available(HEAD_SIZE)
-    ):
+    if _kernel_applies(r, w, u, state) and kernel_trusted(wkv6_cuda, r.device, r.dtype, r.shape[-1]):
         if doc_start is not None:
             return wkv6_with_doc_starts(wkv6_cuda, r, k, v, w, u, state, doc_start)
         return wkv6_cuda(r, k, v, w, u, state)
