@@ -126,7 +126,8 @@ class RunRecorder(pl.Callback):
         if (batch_idx + 1) % self.args.accumulate_grad_batches:
             return
         step = pl_module.start_step + trainer.global_step  # optimizer steps done, 1-based index of this one
-        local = torch.tensor(sum(self.micro_losses) / len(self.micro_losses), dtype=torch.float64)
+        # The micro-batch losses are device tensors (no sync per micro-batch); one read per step.
+        local = torch.stack([torch.as_tensor(v).to(torch.float64) for v in self.micro_losses]).mean()
         self.micro_losses.clear()
         loss = float(trainer.strategy.reduce(local.to(pl_module.device), reduce_op="mean")) \
             if trainer.world_size > 1 else float(local)

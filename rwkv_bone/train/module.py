@@ -53,7 +53,9 @@ class RWKVTrainModule(pl.LightningModule):
         self.optimizer_state = optimizer_state  # resume (non-DeepSpeed): loaded into AdamW once built
         self.offload_optimizer = offload_optimizer
         self.autocast_bf16 = autocast_bf16
-        self.last_loss = float("nan")
+        self.last_loss: Tensor | float = float("nan")  # detached, on the device (read at step end)
+        # This optimizer step's micro-batch losses, checked for finiteness once, before the step.
+        self.step_losses: list[Tensor] = []
         self.sampler = None  # g -> sample (rwkv_bone.train.data); set before fit
         # Real (non-padding) positions trained since the last take_real_tokens(), summed on the
         # batch's device (read once per optimizer step, so no host sync per micro-batch).
@@ -92,19 +94,29 @@ class RWKVTrainModule(pl.LightningModule):
         doc_start = batch[4] if len(batch) > 4 else None
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
             loss = self.batch_loss(x, y, mask, doc_start)
-        value = loss.item()
-        bad = torch.tensor(0.0 if math.isfinite(value) else 1.0, device=loss.device)
+        # No host sync per micro-batch: the loss stays on the device until the optimizer step.
+        self.last_loss = loss.detach()
+        self.step_losses.append(self.last_loss)
+        self.log("loss", self.last_loss, prog_bar=True, logger=False, on_step=True, on_epoch=False)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """One check (one host sync) per optimizer step, before the update: a NaN/inf loss in any
+        of its micro-batches, on any rank, stops the run with the weights of the last step."""
+        losses, self.step_losses = self.step_losses, []
+        if not losses:
+            return
+        values = torch.stack([v.float() for v in losses])  # (micro-batches,)
+        bad = (~torch.isfinite(values)).any().float()
         if self.trainer.world_size > 1:  # every rank stops together
             bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
         if bad.item() > 0:
-            shown = value if not math.isfinite(value) else "non-finite on another rank"
+            own = [v for v in values.tolist() if not math.isfinite(v)]
+            shown = own[0] if own else "non-finite on another rank"
             raise NonFiniteLoss(
                 f"the loss became {shown} at step {self.step + 1}, so training stopped; the checkpoints "
                 "already written are kept - lower --lr_init (and keep --grad_clip on) and restart"
             )
-        self.last_loss = float(value)
-        self.log("loss", loss.detach(), prog_bar=True, logger=False, on_step=True, on_epoch=False)
-        return loss
 
     def batch_loss(self, x: Tensor, y: Tensor, mask: Tensor | None, doc_start: Tensor | None = None) -> Tensor:
         """Scalar fp32 loss of one micro-batch (--chunked_ce: never the whole (B, T, V) logits);
