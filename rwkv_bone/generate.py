@@ -18,6 +18,7 @@ is held back until it either completes the stop string (generation ends before i
 from __future__ import annotations
 
 import codecs
+import math
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -35,9 +36,14 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def check_sampling(temperature: float, top_p: float) -> None:
     """Refuse settings that have no meaning: temperature < 0 or top_p outside (0, 1]."""
-    if not temperature >= 0:  # also catches NaN
+    if not math.isfinite(temperature):
+        raise UserError(f"temperature {temperature} is not a finite number; use 0 for greedy decoding "
+                        "or a positive value such as 1.0")
+    if temperature < 0:
         raise UserError(f"temperature {temperature} is negative; use 0 for greedy decoding or a "
                         "positive value such as 1.0")
+    if math.isnan(top_p):
+        raise UserError("top_p nan is not a number; use a value in (0, 1] such as 0.85 (1 keeps every token)")
     if not 0 < top_p <= 1:
         raise UserError(f"top_p {top_p} is outside (0, 1]; use e.g. 0.85 (1 keeps every token)")
 
@@ -66,14 +72,19 @@ def load_model(path: str, adapter: Optional[str] = None, *, dtype: torch.dtype =
     if adapter is None:
         return RWKV6.from_checkpoint(path, dtype=dtype, device=dev).eval()
 
-    from .checkpoint import load_state_dict
+    from .checkpoint import first_non_finite, load_state_dict
     from .peft.adapter_io import merge_state_dict, read_adapter_file
 
     af = read_adapter_file(adapter, lora_alpha, pissa_init)
     base = load_state_dict(path)
     # bf16 release + fp32 run: merge into fp32 weights, not into bf16 ones rounded again later.
     base = {k: v.to(torch.promote_types(v.dtype, dtype)) for k, v in base.items()}
-    return RWKV6.from_state_dict(merge_state_dict(base, af), dtype=dtype, device=dev).eval()
+    merged = merge_state_dict(base, af)
+    bad = first_non_finite(merged)
+    if bad is not None:
+        raise UserError(f"folding {adapter} into {path} gives NaN or infinite values in {bad} (adapter "
+                        "values too large, or a wrong --lora_alpha?); check the adapter")
+    return RWKV6.from_state_dict(merged, dtype=dtype, device=dev).eval()
 
 
 def sample_next(logits: Tensor, temperature: float = 1.0, top_p: float = 1.0,

@@ -19,6 +19,7 @@ PiSSA/OLoRA W - B0 A0 + B A.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
@@ -98,6 +99,8 @@ def read_adapter_file(path: str | os.PathLike, lora_alpha: float | None = None,
                       init_path: str | os.PathLike | None = None) -> AdapterFile:
     """Parse one of our adapter files or a peer one (see the module docstring)."""
     path = os.fspath(path)
+    if lora_alpha is not None and not math.isfinite(lora_alpha):
+        raise UserError(f"--lora_alpha {lora_alpha} is not a finite number; give the alpha used in training")
     raw = _load_tensor_dict(path, "adapter")
     meta_text = raw.pop(META_KEY, None)
     bad = [k for k, v in raw.items() if not isinstance(v, Tensor)]
@@ -115,6 +118,7 @@ def read_adapter_file(path: str | os.PathLike, lora_alpha: float | None = None,
             af.others[key] = t
     if not af.layers and not af.others:
         raise UserError(f"adapter {path} holds no tensors; was it saved before training started?")
+    _refuse_models_and_non_finite(af, meta_text is not None)
     if meta_text is not None:
         try:
             af.meta = json.loads(meta_text)
@@ -130,6 +134,22 @@ def read_adapter_file(path: str | os.PathLike, lora_alpha: float | None = None,
             raise UserError(f"adapter {path} records lora_alpha={af.meta['lora_alpha']:g}; "
                             f"drop --lora_alpha {lora_alpha:g} (the file's value is used)")
     return af
+
+
+def _refuse_models_and_non_finite(af: AdapterFile, ours: bool) -> None:
+    """A whole model passed as the adapter would silently replace every base tensor; NaN/inf
+    adapter tensors would silently break the merged model."""
+    from ..checkpoint import first_non_finite
+
+    if not af.layers and not ours and "emb.weight" in af.others and \
+            any(k.endswith(".att.key.weight") for k in af.others):
+        raise UserError(f"adapter {af.path} is a whole RWKV-6 model, not an adapter; use it directly as "
+                        "the model (--model / --base) or pass the adapter file trained on it")
+    bad = first_non_finite({**{f"{n}.{k}": t for n, kinds in af.layers.items() for k, t in kinds.items()},
+                            **af.others})
+    if bad is not None:
+        raise UserError(f"adapter {af.path} tensor {bad} holds NaN or infinite values (a diverged run?); "
+                        "use an adapter saved before the loss became non-finite")
 
 
 def _infer_peer_meta(af: AdapterFile, lora_alpha: float | None) -> dict:

@@ -6,6 +6,7 @@ reported as one `UserError` sentence; file-level checks live next to the code th
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from typing import Sequence
 
@@ -86,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam_eps", type=float, default=1e-8, help="AdamW epsilon")
     g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (2-D+ tensors only)")
     g.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
+    g.add_argument("--layerwise_lr", type=_bool01, default=False,
+                   help="1: RWKV-LM's x060 lr groups: tensors named *time_decay* (time_decay, time_decay_w1/w2) "
+                        "at 2x the lr, the rest 1x; needs them to train (--train_parts time, or --peft none)")
     g.add_argument("--grad_cp", type=_bool01, default=False, help="1: activation checkpointing per block")
     g.add_argument("--chunked_ce", type=_bool01, default=True,
                    help="1: head + cross-entropy in token chunks, recomputed in backward (the (B, T, V) "
@@ -178,6 +182,11 @@ def validate(args: argparse.Namespace) -> None:
                  "n_layer", "n_embd", "vocab_size"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must not be negative, got {getattr(args, name)}")
+    for name in ("lr_init", "lr_final", "beta1", "beta2", "adam_eps", "weight_decay", "grad_clip", "lora_alpha",
+                 "lora_dropout"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise UserError(f"--{name} {value} is not a finite number; give a plain number")
     if args.l2wrap is None:
         args.l2wrap = args.peft == "none"
     if args.lr_final is None:
@@ -209,6 +218,8 @@ def validate(args: argparse.Namespace) -> None:
         if args.model_preset:
             raise UserError("--model_preset is only for training from scratch or --dry_run; the dims of "
                             "--load_model are read from the checkpoint, so drop --model_preset")
+        if os.path.isdir(args.load_model):
+            raise UserError(f"--load_model {args.load_model} is a folder; give the path of the RWKV-6 .pth file itself")
         if not os.path.isfile(args.load_model):
             raise UserError(f"--load_model {args.load_model} does not exist; give the path of an RWKV-6 .pth file")
     else:
@@ -220,6 +231,9 @@ def validate(args: argparse.Namespace) -> None:
         if from_scratch(args) and args.peft != "none":
             raise UserError(f'--load_model "" trains a new model from scratch, where every weight trains: '
                             f"use --peft none (adapters such as --peft {args.peft} need a pre-trained --load_model)")
+    if args.layerwise_lr and args.peft != "none" and "time" not in train_parts(args):
+        raise UserError("--layerwise_lr 1 doubles the lr of the time_decay tensors, which train only with "
+                        "--train_parts time (or --peft none); add --train_parts time or drop --layerwise_lr")
     if args.peft == "none" and args.train_parts and not from_scratch(args):
         raise UserError("--train_parts only adds parts to an adapter; with --peft none every weight trains already")
 

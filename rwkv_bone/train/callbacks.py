@@ -93,6 +93,11 @@ class RunRecorder(pl.Callback):
         self.wandb_run = None
         self.saved_epochs: set[int] = set()
         self.t_last = time.time()
+        # The state of step k is written once step k+1's loss is known to be finite (see save_state).
+        self.pending_state: tuple[int, tuple[float, int]] | None = None
+        self.saved_state_step: int | None = int(resume_info["step"]) if resume_info else None
+        self.interrupted = False  # Ctrl-C (KeyboardInterrupt) seen by on_exception
+        self.last_step = start_step
 
     # ---- helpers --------------------------------------------------------------------------
     def path(self, name: str) -> str:
@@ -126,6 +131,7 @@ class RunRecorder(pl.Callback):
         if (batch_idx + 1) % self.args.accumulate_grad_batches:
             return
         step = pl_module.start_step + trainer.global_step  # optimizer steps done, 1-based index of this one
+        self.last_step = step
         # The micro-batch losses are device tensors (no sync per micro-batch); one read per step.
         local = torch.stack([torch.as_tensor(v).to(torch.float64) for v in self.micro_losses]).mean()
         self.micro_losses.clear()
@@ -174,7 +180,24 @@ class RunRecorder(pl.Callback):
         self.saved_epochs.add(epoch)
 
     def save_state(self, trainer, pl_module, step: int) -> None:
+        """The resumable state after step k is only written once step k+1's forward pass gave a
+        finite loss (on_before_backward, weights and optimizer still those of step k): after a
+        divergence the kept state is one whose forward pass is finite, so --resume with a lower lr
+        continues. The last step of the run is written at once."""
         epoch_loss = (self.epoch_loss_sum, self.epoch_loss_count)
+        if step >= self.total_steps:
+            self.pending_state = None
+            self.write_state(trainer, pl_module, step, epoch_loss)
+        else:
+            self.pending_state = (step, epoch_loss)
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module, loss) -> None:
+        if self.pending_state is not None:  # this loss is finite (NonFiniteLoss is raised before)
+            step, epoch_loss = self.pending_state
+            self.pending_state = None
+            self.write_state(trainer, pl_module, step, epoch_loss)
+
+    def write_state(self, trainer, pl_module, step: int, epoch_loss: tuple[float, int]) -> None:
         if self.deepspeed_on:
             ck.save_deepspeed_state(self.args.proj_dir, trainer.strategy.deepspeed_engine, step=step,
                                     epoch_loss=epoch_loss, args=self.args, is_rank0=trainer.is_global_zero,
@@ -182,8 +205,22 @@ class RunRecorder(pl.Callback):
         elif trainer.is_global_zero:
             ck.save_plain_state(self.args.proj_dir, step=step, model=pl_module.model,
                                 optimizer=trainer.optimizers[0], epoch_loss=epoch_loss, args=self.args)
+        self.saved_state_step = step
+
+    def interrupted_message(self) -> str:
+        """One line for Ctrl-C: where the state to --resume from is, or that there is none yet."""
+        where = os.path.join(self.args.proj_dir, ck.STATE_POINTER if self.deepspeed_on else ck.STATE_FILE)
+        if self.saved_state_step is None:
+            return (f"interrupted at step {self.last_step}, before any training state was saved; "
+                    "nothing to resume, start the run again")
+        return (f"interrupted at step {self.last_step}; the training state of step {self.saved_state_step} "
+                f"is in {where}: rerun the same command with --resume to continue")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
+        if self.pending_state is not None:  # no further step ran: the weights are still step k's
+            step, epoch_loss = self.pending_state
+            self.pending_state = None
+            self.write_state(trainer, pl_module, step, epoch_loss)
         if not trainer.is_global_zero:
             return
         if self.wandb_run is not None:
@@ -194,6 +231,7 @@ class RunRecorder(pl.Callback):
         plot_runs([self.args.proj_dir], self.path("loss.png"))
 
     def on_exception(self, trainer: pl.Trainer, pl_module, exception: BaseException) -> None:
+        self.interrupted = isinstance(exception, KeyboardInterrupt)
         if self.wandb_run is not None:
             self.wandb_run.finish(exit_code=1)
             self.wandb_run = None

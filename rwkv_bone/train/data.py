@@ -255,3 +255,29 @@ def open_sampler(data_file: str, data_type: str, ctx_len: int, seed: int, magic_
     if magic_prime:
         return MagicPrimeWindows(reader, ctx_len, magic_prime)
     return RandomWindows(reader, ctx_len, seed)
+
+
+def check_data_prefix(data_file: str) -> None:
+    """A folder given as --data_file gets its own sentence (not "PREFIX.bin does not exist")."""
+    if os.path.isdir(data_file):
+        raise UserError(f"--data_file {data_file} is a folder; give the binidx prefix of the data in it "
+                        "(PREFIX for PREFIX.bin / PREFIX.idx)")
+
+
+def check_token_ids(data_file: str, vocab_size: int) -> None:
+    """Refuse data holding ids the model has no embedding for (an IndexError mid-run otherwise, or
+    silent training when the bad document is sampled late): all of the .bin is checked, once."""
+    from ..data.binidx import MMapIndexedDataset, split_prefix, token_id_range
+
+    prefix = split_prefix(data_file)
+    ds = MMapIndexedDataset(prefix)
+    if ds.dtype.kind == "f":
+        raise UserError(f"{prefix}.bin holds {ds.dtype.name} numbers, not token ids; "
+                        "rebuild it with make_data.py")
+    lo, hi = token_id_range(ds)
+    if lo < 0:
+        raise UserError(f"{prefix}.bin holds the negative token id {lo}; the file is corrupt, rebuild it with make_data.py")
+    if hi >= vocab_size:
+        raise UserError(f"{prefix}.bin holds token id {hi} but the model's vocabulary has {vocab_size} ids "
+                        f"(0..{vocab_size - 1}); tokenise the data with the model's tokenizer "
+                        "(make_data.py --tokenizer) or train a model with a larger vocabulary")
