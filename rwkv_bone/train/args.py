@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="binidx: random ctx_len+1 windows of the token stream; sft: one document per sample "
                         "with the loss mask PREFIX.mask.bin/.idx")
     g.add_argument("--ctx_len", type=int, default=512, help="tokens per sample")
+    g.add_argument("--sft_pack", type=_bool01, default=False,
+                   help="1 (sft only): pack several documents into each ctx_len row, each starting from a "
+                        "clean state (first-fit in the data order)")
     g.add_argument("--magic_prime", type=int, default=0,
                    help="binidx only: visit every ctx_len chunk once (p prime, p %% 3 == 2, p <= tokens//ctx_len - 1)")
     g.add_argument("--my_exit_tokens", type=int, default=0, help="stop after this many training tokens (0 = off)")
@@ -303,6 +306,8 @@ def validate(args: argparse.Namespace) -> None:
     validate_valid_args(args)
     if not args.data_file:
         raise UserError("--data_file is required: the binidx prefix (PREFIX.bin / PREFIX.idx, without extension)")
+    if args.sft_pack and args.data_type != "sft":
+        raise UserError("--sft_pack 1 packs sft documents; it needs --data_type sft")
     if args.magic_prime and args.data_type == "sft":
         raise UserError("--magic_prime applies to --data_type binidx only; sft takes one document per sample")
     if args.strategy == "auto" and args.devices * args.num_nodes > 1:

@@ -6,8 +6,9 @@ state - run on every rank):
 - PROJ_DIR/train_log.txt: "NEW RUN <timestamp>", the arguments, then per epoch the RWKV line
   `{epoch} {loss:.6f} {exp(loss):.4f} {lr:.8f} {datetime} {epoch}` (loss = mean over the epoch).
 - PROJ_DIR/metrics.csv: step,loss,lr,tokens,kt/s,peak_mem_mb,valid_loss,valid_ppl,valid_acc (one row
-  per optimizer step; the loss is averaged over micro-batches and ranks; the valid_* columns are
-  filled on --valid_data steps). A resumed run drops rows after its state's step.
+  per optimizer step; the loss is averaged over micro-batches and ranks; kt/s counts real positions,
+  sft padding excluded; the valid_* columns are filled on --valid_data steps). A resumed run drops
+  rows after its state's step.
 - W&B (--wandb PROJECT): loss, lr, Gtokens, kt/s per step. Without WANDB_MODE set and without a
   W&B login (WANDB_API_KEY or ~/.netrc), the run is recorded offline (`wandb sync` uploads it later).
 """
@@ -137,12 +138,17 @@ class RunRecorder(pl.Callback):
             return
         step = pl_module.start_step + trainer.global_step  # optimizer steps done, 1-based index of this one
         self.last_step = step
-        local = torch.tensor(sum(self.micro_losses) / len(self.micro_losses), dtype=torch.float64)
+        # The micro-batch losses are device tensors (no sync per micro-batch); one read per step.
+        local = torch.stack([torch.as_tensor(v).to(torch.float64) for v in self.micro_losses]).mean()
         self.micro_losses.clear()
         loss = float(trainer.strategy.reduce(local.to(pl_module.device), reduce_op="mean")) \
             if trainer.world_size > 1 else float(local)
         now = time.time()
-        kts = self.tokens_per_step / max(now - self.t_last, 1e-9) / 1000
+        # kt/s counts real positions (sft padding excluded), summed over ranks.
+        real = pl_module.take_real_tokens() if hasattr(pl_module, "take_real_tokens") else self.tokens_per_step
+        if trainer.world_size > 1:
+            real = int(trainer.strategy.reduce(torch.tensor(float(real), device=pl_module.device), reduce_op="sum"))
+        kts = real / max(now - self.t_last, 1e-9) / 1000
         lr = pl_module.args.lr_init if not trainer.optimizers else trainer.optimizers[0].param_groups[0]["lr"]
         pl_module.log("kt/s", kts, prog_bar=True, logger=False, on_step=True, on_epoch=False, rank_zero_only=True)
         self.epoch_loss_sum += loss

@@ -62,9 +62,14 @@ class RWKVTrainModule(pl.LightningModule):
         self.optimizer_state = optimizer_state  # resume (non-DeepSpeed): loaded into AdamW once built
         self.offload_optimizer = offload_optimizer
         self.autocast_bf16 = autocast_bf16
-        self.last_loss = float("nan")
+        self.last_loss: Tensor | float = float("nan")  # detached, on the device (read at step end)
+        # This optimizer step's micro-batch losses, checked for finiteness once, before the step.
+        self.step_losses: list[Tensor] = []
         self.sampler = None  # g -> sample (rwkv_bone.train.data); set before fit
         self.lr_scales: list[float] = []  # per optimizer group: lr = lr_at(step) * scale
+        # Real (non-padding) positions trained since the last take_real_tokens(), summed on the
+        # batch's device (read once per optimizer step, so no host sync per micro-batch).
+        self.real_tokens: Tensor | int = 0
 
     def train_dataloader(self) -> DataLoader:
         a = self.args
@@ -98,31 +103,51 @@ class RWKVTrainModule(pl.LightningModule):
         torch.manual_seed(hash((self.args.random_seed, self.step, self.global_rank, micro)) % (2**63))
         x, y = batch[0], batch[1]  # (B, T) int64 each
         mask = batch[2] if len(batch) > 2 else None  # (B, T) float32, sft only
+        # sft: (B,) int64 real positions per row; packed sft: (B, T) bool document starts.
+        self.real_tokens = self.real_tokens + (batch[3].sum() if len(batch) > 3 else x.numel())
+        doc_start = batch[4] if len(batch) > 4 else None
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
-            loss = self.batch_loss(x, y, mask)
-        value = loss.item()
-        bad = torch.tensor(0.0 if math.isfinite(value) else 1.0, device=loss.device)
+            loss = self.batch_loss(x, y, mask, doc_start)
+        # No host sync per micro-batch: the loss stays on the device until the optimizer step.
+        self.last_loss = loss.detach()
+        self.step_losses.append(self.last_loss)
+        self.log("loss", self.last_loss, prog_bar=True, logger=False, on_step=True, on_epoch=False)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """One check (one host sync) per optimizer step, before the update: a NaN/inf loss in any
+        of its micro-batches, on any rank, stops the run with the weights of the last step."""
+        losses, self.step_losses = self.step_losses, []
+        if not losses:
+            return
+        values = torch.stack([v.float() for v in losses])  # (micro-batches,)
+        bad = (~torch.isfinite(values)).any().float()
         if self.trainer.world_size > 1:  # every rank stops together
             bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
         if bad.item() > 0:
-            shown = value if not math.isfinite(value) else "non-finite on another rank"
+            own = [v for v in values.tolist() if not math.isfinite(v)]
+            shown = own[0] if own else "non-finite on another rank"
             raise NonFiniteLoss(
                 f"the loss became {shown} at step {self.step + 1}, so training stopped; the checkpoints "
                 "already written are kept and the saved training state is one whose loss was finite - "
                 "lower --lr_init (and keep --grad_clip on) and rerun with --resume, or restart"
             )
-        self.last_loss = float(value)
-        self.log("loss", loss.detach(), prog_bar=True, logger=False, on_step=True, on_epoch=False)
-        return loss
 
-    def batch_loss(self, x: Tensor, y: Tensor, mask: Tensor | None) -> Tensor:
-        """Scalar fp32 loss of one micro-batch (--chunked_ce: never the whole (B, T, V) logits)."""
+    def batch_loss(self, x: Tensor, y: Tensor, mask: Tensor | None, doc_start: Tensor | None = None) -> Tensor:
+        """Scalar fp32 loss of one micro-batch (--chunked_ce: never the whole (B, T, V) logits);
+        doc_start (B, T) bool for packed rows (each document runs from a clean state)."""
         a = self.args
         l2wrap = bool(getattr(a, "l2wrap", False))
         if getattr(a, "chunked_ce", True):
-            h, _ = self.model.forward_features(x)  # (B, T, C)
+            h, _ = self.model.forward_features(x, None, doc_start)  # (B, T, C)
             return chunked_token_loss(self.model.head, h, y, mask, l2wrap=l2wrap)
-        return token_loss(self.model(x), y, mask, l2wrap=l2wrap)
+        logits = self.model(x) if doc_start is None else self.model(x, doc_start=doc_start)
+        return token_loss(logits, y, mask, l2wrap=l2wrap)
+
+    def take_real_tokens(self) -> int:
+        """Real positions trained on this rank since the last call (one host sync)."""
+        n, self.real_tokens = self.real_tokens, 0
+        return int(n)
 
     def configure_optimizers(self):
         a = self.args

@@ -201,7 +201,8 @@ def build_run(args: argparse.Namespace) -> TrainRun | None:
 
     # Everything that can be refused is refused before the first file is written.
     check_data_prefix(args.data_file)
-    sampler = open_sampler(args.data_file, args.data_type, args.ctx_len, args.random_seed, args.magic_prime)
+    sampler = open_sampler(args.data_file, args.data_type, args.ctx_len, args.random_seed, args.magic_prime,
+                           sft_pack=bool(getattr(args, "sft_pack", False)))
     config, base_sd = load_base(args)
     check_token_ids(args.data_file, config.vocab_size)
     prepare_proj_dir(args.proj_dir)
