@@ -31,18 +31,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def check_output(args: argparse.Namespace) -> None:
+    """--output must be a new file or an earlier merge, never one of the inputs (the base is the one
+    file a user cannot regenerate), never a folder."""
+    import os
+
+    from rwkv_bone.cli import check_writable_dir
+    from rwkv_bone.errors import UserError
+
+    if os.path.isdir(args.output):
+        raise UserError(f"--output {args.output} is a folder; give the path of the .pth file to write")
+    inputs = [("--base", args.base), *(("--adapter", a) for a in args.adapter), ("--pissa_init", args.pissa_init)]
+    for flag, path in inputs:
+        if path is not None and flag == "--base" and not os.path.exists(path):
+            path += ".pth"  # load_state_dict also accepts a model named without its .pth suffix
+        if path is None or not os.path.exists(args.output) or not os.path.exists(path):
+            continue
+        if os.path.samefile(args.output, path):
+            raise UserError(f"--output {args.output} is the {flag} file; merging would overwrite it, so "
+                            "choose another output path")
+    check_writable_dir(args.output, "output")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from rwkv_bone.checkpoint import load_state_dict
-    from rwkv_bone.cli import check_writable_dir, torch_save_atomic
+    from rwkv_bone.checkpoint import first_non_finite, load_state_dict
+    from rwkv_bone.cli import torch_save_atomic
+    from rwkv_bone.errors import UserError
     from rwkv_bone.peft.adapter_io import merge_state_dict, read_adapter_file
     from rwkv_bone.peft.registry import get_method
 
-    check_writable_dir(args.output, "output")
+    check_output(args)
     files = [read_adapter_file(a, args.lora_alpha, args.pissa_init) for a in args.adapter]
-    merged = load_state_dict(args.base)
+    base = load_state_dict(args.base)
+    merged = base
     for af in files:
         merged = merge_state_dict(merged, af)
+    bad = first_non_finite(merged)
+    if bad is not None:
+        raise UserError(f"merging {', '.join(args.adapter)} into {args.base} gives NaN or infinite values in "
+                        f"{bad} (adapter values too large for the base's {base[bad].dtype}?); nothing was written")
     torch_save_atomic(merged, args.output)
     for af in files:
         parts = [f"{len(af.layers)} {get_method(af.meta['method']).label(af.meta)} layers"] if af.layers else []

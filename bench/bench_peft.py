@@ -3,7 +3,8 @@
     python bench/bench_peft.py [--tokens 2048] [--shapes 2048x2048,7168x2048,8960x2560] [--b 64]
                                [--threads 1] [--reps 3] [--dtype fp32|bf16] [--device cpu|cuda]
 
-Variants: Bone-row factorised (ours), Bone-row explicit (W' = W + delta materialised every step,
+Variants: the frozen linear alone (its own forward + input-gradient backward: the floor every
+adapter builds on, "x frozen" column), Bone-row factorised (ours), Bone-row explicit (W' = W + delta materialised every step,
 as the paper and its peers do), Bone-col, Bone-ab, LoRA r = b/2 (same trainable count as
 Bone-row on square layers), PiSSA r = b/2, MiSS r = b (ours; same trainable count as Bone-row
 on every layer of RWKV-6), and HF peft's Bone "bat" and MiSS when `peft` is installed.
@@ -15,7 +16,8 @@ Flop count per token of the adapter part, fwd+bwd: LoRA 3 r (in + out), Bone-row
 r = b/2 they are equal on square layers and Bone-row does less on out > in layers; MiSS 3 r out
 plus the slice sums (no weight-sized work).
 Goals: Bone-row <= 0.95x LoRA time with no more saved memory; Bone-col <= 1.6x LoRA time with
-saved memory within 1.1x LoRA's.
+saved memory within 1.1x LoRA's; Bone-row within 1.05x of the frozen linear (its FLOP floor is
+1 + 3b / (2 out): 1.047 at 2048x2048, 1.013 at 7168x2048, 1.047 at 2048x7168).
 """
 from __future__ import annotations
 
@@ -69,7 +71,10 @@ def make_variants(out: int, n_in: int, b: int, dtype: torch.dtype) -> dict[str, 
         nn.init.normal_(lin.weight, 0, n_in ** -0.5)
         return lin
 
+    frozen = base()
+    frozen.weight.requires_grad_(False)
     v = {
+        "frozen linear": frozen,
         "lora r=b/2": LoraLinear(base(), b // 2),
         "pissa r=b/2": LoraLinear(base(), b // 2, init="pissa", niter=2),
         "bone-row": BoneLinear(base(), b, "row"),
@@ -135,10 +140,11 @@ def bench_shape(out: int, n_in: int, tokens: int, b: int, reps: int, dtype: torc
     rows = []
     lora_t = min(times["lora r=b/2"])          # best of reps: the other jobs on the machine only add
     lora_m = saved_bytes(variants["lora r=b/2"], x)
+    frozen_t = min(times["frozen linear"])
     for k, m in variants.items():
         t = min(times[k])
         mem = saved_bytes(m, x)
-        rows.append((f"{out}x{n_in}", k, t * 1e3, t / lora_t, mem / 2**20, mem / lora_m))
+        rows.append((f"{out}x{n_in}", k, t * 1e3, t / lora_t, mem / 2**20, mem / lora_m, t / frozen_t))
     return rows
 
 
@@ -168,11 +174,13 @@ def main() -> None:
         import peft  # noqa: F401
     except ImportError:
         print("(HF peft not installed: its Bone 'bat' row skipped)")
-    print(f"{'shape':>10} {'variant':<18} {'fwd+bwd ms':>10} {'x LoRA':>7} {'saved MiB':>9} {'x LoRA':>7}")
+    print(f"{'shape':>10} {'variant':<18} {'fwd+bwd ms':>10} {'x LoRA':>7} {'saved MiB':>9} {'x LoRA':>7} "
+          f"{'x frozen':>8}")
     for shape in args.shapes.split(","):
         out, n_in = (int(s) for s in shape.lower().split("x"))
         for row in bench_shape(out, n_in, args.tokens, args.b, args.reps, dtype, clock):
-            print(f"{row[0]:>10} {row[1]:<18} {row[2]:10.1f} {row[3]:7.2f} {row[4]:9.1f} {row[5]:7.2f}")
+            print(f"{row[0]:>10} {row[1]:<18} {row[2]:10.1f} {row[3]:7.2f} {row[4]:9.1f} {row[5]:7.2f} "
+                  f"{row[6]:8.2f}")
 
 
 if __name__ == "__main__":

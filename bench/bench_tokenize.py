@@ -1,19 +1,22 @@
-"""Tokenisation throughput: official rwkv TRIE_TOKENIZER vs ours (1 process) vs make_data (N workers).
+"""Tokenisation throughput: official rwkv TRIE_TOKENIZER vs ours vs whole make_data runs.
 
-    .venv/bin/python bench/bench_tokenize.py [--mb 4] [--workers 2]
+    .venv/bin/python bench/bench_tokenize.py [--mb 30] [--workers 2] [--repeats 3]
 
 A mixed corpus (English-like prose with Zipf word frequencies, Python-like code, CJK, Cyrillic and
-accented Latin, emoji, whitespace runs) is generated with a fixed seed and written as .jsonl.
-Timed in the same run:
-1. the official `rwkv.rwkv_tokenizer.TRIE_TOKENIZER.encode`, one process, encoding only;
-2. `WorldTokenizer.encode`, one process, encoding only, starting from an empty piece cache
-   (ids checked equal to 1.);
-3. the whole make_data pipeline (`prepare`: read JSON lines, tokenise, write .bin/.idx) with
-   --workers 1 and with --workers N.
+accented Latin, emoji, whitespace runs) is generated with a fixed seed and written as .jsonl into
+a temporary folder (nothing is stored in the repo). Timed in the same run:
+1. the official `rwkv.rwkv_tokenizer.TRIE_TOKENIZER.encode`, one process, encoding only (its
+   start-up not timed) - the baseline of every ratio;
+2. `WorldTokenizer.encode` (our Python tokenizer), one process, encoding only, from an empty piece
+   cache (ids checked equal to 1.);
+3. pyrwkv-tokenizer's `encode`, one process, encoding only (ids checked equal to 1.);
+4. the whole `make_data.py` run as a fresh process (interpreter start, imports, vocab load and the
+   pyrwkv start-up check, read JSON lines, tokenise, write .bin/.idx) with --workers 1 and
+   --workers N; the .bin is checked to hold exactly 1.'s ids, 0 after each document;
+5. the same pipeline in-process with the Python tokenizer (tables prebuilt), --workers 1.
 Each is repeated (interleaved) and the best wall time kept, since the machine is shared; the CPU
-seconds (this process + its worker processes) show the work done, whatever the load.
-The tokenizer tables are built before timing (a one-off ~1-2 s per run). Other processes on the
-machine compete for the cores, so compare ratios from the same run, not absolute figures.
+seconds (this process + its child processes) show the work done, whatever the load. Other
+processes compete for the cores, so compare ratios from the same run, not absolute figures.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import json
 import os
 import random
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -86,26 +90,31 @@ def make_corpus(mb: float, seed: int = 0) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mb", type=float, default=4.0)
+    ap.add_argument("--mb", type=float, default=30.0, help="corpus size in MB of UTF-8")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
+    import numpy as np
+    import pyrwkv_tokenizer
     from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
+
+    from rwkv_bone.data.binidx import MMapIndexedDataset
 
     docs = make_corpus(args.mb)
     nbytes = sum(len(d.encode("utf-8")) for d in docs)
     official = TRIE_TOKENIZER(world_vocab_path())
+    native = pyrwkv_tokenizer.RWKVTokenizer(vocab_filepath=world_vocab_path())
     WorldTokenizer()  # builds the shared tables (not timed)
     print(f"corpus: {len(docs)} docs, {nbytes / 1e6:.2f} MB; cpus: {os.cpu_count()}, "
           f"load: {os.getloadavg()[0]:.2f}")
 
     ref = [official.encode(d) for d in docs]  # warm-up, and the ids to check against
     ntok = sum(map(len, ref))
+    want_bin = np.concatenate([np.array(r + [0], dtype=np.uint16) for r in ref])
     best: dict[str, float] = {}
-
     cpu: dict[str, float] = {}
 
-    def cpu_now() -> float:  # this process + waited-for children (the pool workers)
+    def cpu_now() -> float:  # this process + waited-for children (make_data and its workers)
         me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
         return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
@@ -119,6 +128,11 @@ def main() -> None:
         fresh = WorldTokenizer()  # empty piece cache: no help from the previous repeat
         assert [fresh.encode(d) for d in docs] == ref, "ids differ from the official tokenizer"
 
+    def native_single() -> None:
+        assert [native.encode(d) for d in docs] == ref, "pyrwkv ids differ from the official tokenizer"
+
+    repo = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     workers = sorted({1, args.workers})
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "corpus.jsonl")
@@ -126,20 +140,31 @@ def main() -> None:
             for doc in docs:
                 f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
 
-        def pipeline(w: int) -> None:
-            r = prepare(PrepareOptions(src, os.path.join(d, f"out{w}"), workers=w, progress=False))
+        def make_data(w: int) -> None:
+            out = os.path.join(d, f"out{w}")
+            r = subprocess.run([sys.executable, os.path.join(repo, "make_data.py"), src, "--output", out,
+                                "--workers", str(w), "--quiet"], env=env, capture_output=True, text=True)
+            assert r.returncode == 0 and "note:" not in r.stderr, r.stderr  # no fallback
+            ds = MMapIndexedDataset(out)
+            assert len(ds) == len(docs) and np.array_equal(np.asarray(ds.tokens), want_bin)
+
+        def python_pipeline() -> None:
+            r = prepare(PrepareOptions(src, os.path.join(d, "outpy"), workers=1, progress=False,
+                                       native_tokenizer=False))
             assert r.tokens == ntok + len(docs)
 
         for _ in range(args.repeats):  # interleaved, best of N: the machine is shared
             timed("official TRIE_TOKENIZER, 1 process", lambda: [official.encode(x) for x in docs])
-            timed("ours WorldTokenizer, 1 process", ours_single)
+            timed("ours WorldTokenizer (Python), 1 process", ours_single)
+            timed("pyrwkv-tokenizer encode, 1 process", native_single)
             for w in workers:
-                timed(f"ours make_data pipeline, {w} worker(s)", lambda w=w: pipeline(w))
+                timed(f"make_data.py run (pyrwkv), {w} worker(s)", lambda w=w: make_data(w))
+            timed("make_data pipeline (Python tok.), 1 worker", python_pipeline)
     base = best["official TRIE_TOKENIZER, 1 process"]
     print(f"best of {args.repeats}, load after: {os.getloadavg()[0]:.2f}")
     for name, sec in best.items():
-        print(f"{name:40s}: {sec:6.2f} s  {nbytes / sec / 1e6:6.2f} MB/s  "
-              f"{ntok / sec / 1e6:5.2f} Mtok/s  ({base / sec:.2f}x official)  "
+        print(f"{name:44s}: {sec:6.2f} s  {nbytes / sec / 1e6:6.2f} MB/s  "
+              f"{ntok / sec / 1e6:5.2f} Mtok/s  ({base / sec:5.2f}x official)  "
               f"cpu {cpu[name]:5.2f} s")
 
 

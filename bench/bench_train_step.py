@@ -14,7 +14,13 @@ that every matmul and PiSSA's SVD see non-trivial values), so no checkpoint is n
         --n_embd 256 --vocab 4096 --ctx_len 256
     # print the table of an earlier run
     python bench/bench_train_step.py --report out.json
+    # chunked against plain cross-entropy, V = 65536 and 4096 tokens per micro-batch (memory)
+    python bench/bench_train_step.py --device cpu --dtype fp32 --presets 1.6b --n_layer 2 \
+        --n_embd 256 --micro_bsz 8 --ctx_len 512 --methods bone --ce chunked,plain --grad_cp 0
 
+--ce chunked (train.py's default --chunked_ce 1: head + cross-entropy in token chunks) or plain
+(the whole (B, T, V) fp32 logits and their gradient); a comma list runs both, and the table then
+ends with each method's peak memory chunked / plain.
 Every (preset, grad_cp, method) runs --repeats times in rounds whose method order alternates
 (bone, lora / lora, bone, ...), each run in a freshly built model, so the spread between rounds
 shows the noise. kt/s = micro_bsz * ctx_len * steps / (time of the timed steps) / 1000.
@@ -42,6 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from rwkv_bone.config import RWKV6Config, default_dim_ffn  # noqa: E402
 from rwkv_bone.model import RWKV6  # noqa: E402
 from rwkv_bone.peft import apply_peft, count_trainable  # noqa: E402
+from rwkv_bone.train.loss import chunked_token_loss  # noqa: E402
 from rwkv_bone.train.module import optimizer_groups, token_loss  # noqa: E402
 from rwkv_bone.train.run import cast_for_training  # noqa: E402
 
@@ -129,7 +136,8 @@ def _free(device: str) -> None:
 
 
 # ---- one run --------------------------------------------------------------------------------
-def run_one(preset: str, label: str, grad_cp: bool, rnd: int, args: argparse.Namespace) -> dict[str, Any]:
+def run_one(preset: str, label: str, grad_cp: bool, rnd: int, args: argparse.Namespace,
+            ce: str = "chunked") -> dict[str, Any]:
     device, bf16 = args.device, args.dtype == "bf16"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     config = bench_config(preset, args.n_layer, args.n_embd, args.vocab)
@@ -137,7 +145,7 @@ def run_one(preset: str, label: str, grad_cp: bool, rnd: int, args: argparse.Nam
     rec: dict[str, Any] = dict(preset=preset, method=label, grad_cp=int(grad_cp), round=rnd,
                                n_layer=config.n_layer, n_embd=config.n_embd, vocab=config.vocab_size,
                                dim_ffn=config.dim_ffn, ctx_len=args.ctx_len, micro_bsz=args.micro_bsz,
-                               dtype=args.dtype, device=device)
+                               dtype=args.dtype, device=device, ce=ce)
     rec["trainable_at_preset_size"] = count_trainable(preset, method, **options)  # meta device
     _free(device)
     t0 = time.perf_counter()
@@ -157,8 +165,11 @@ def run_one(preset: str, label: str, grad_cp: bool, rnd: int, args: argparse.Nam
 
     def step() -> float:
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(x)  # (B, T, V) fp32
-        loss = token_loss(logits, y)
+            if ce == "chunked":  # as train.py --chunked_ce 1
+                h, _ = model.forward_features(x)  # (B, T, C)
+                loss = chunked_token_loss(model.head, h, y)
+            else:
+                loss = token_loss(model(x), y)  # (B, T, V) fp32 logits
         value = loss.item()  # train.py reads the loss every step (a sync point there too)
         loss.backward()
         if args.grad_clip > 0:
@@ -198,13 +209,35 @@ def run_one(preset: str, label: str, grad_cp: bool, rnd: int, args: argparse.Nam
 
 def schedule(args: argparse.Namespace) -> list[tuple[str, str, bool, int]]:
     """(preset, method, grad_cp, round) in run order: grad_cp values in the order given, then
-    presets, then rounds whose method order alternates so drift does not favour one method."""
+    presets, then rounds whose method order alternates so drift does not favour one method.
+    With several --ce values a method is "bone|plain" etc. (see split_label)."""
+    labels = args.methods if len(args.ce) == 1 else [f"{m}|{c}" for m in args.methods for c in args.ce]
     out = []
     for cp in args.grad_cp:
         for preset in args.presets:
             for rnd in range(args.repeats):
-                methods = args.methods if rnd % 2 == 0 else args.methods[::-1]
+                methods = labels if rnd % 2 == 0 else labels[::-1]
                 out += [(preset, m, cp, rnd) for m in methods]
+    return out
+
+
+def split_label(label: str, args: argparse.Namespace) -> tuple[str, str]:
+    """("bone", "plain") from "bone|plain"; a bare method uses the single --ce value."""
+    method, _, ce = label.partition("|")
+    return method, ce or args.ce[0]
+
+
+def ce_memory_ratios(summary: list[dict[str, Any]]) -> list[str]:
+    """'preset grad_cp method: chunked X GB / plain Y GB = r' for every method run both ways."""
+    rows = {(r["preset"], r["grad_cp"], r["method"]): r for r in summary}
+    out = []
+    for (preset, cp, label), row in rows.items():
+        method, _, ce = label.partition("|")
+        plain = rows.get((preset, cp, f"{method}|plain"))
+        if ce == "chunked" and plain and row["mem_gb"] and plain["mem_gb"]:
+            out.append(f"{preset} grad_cp={cp} {method}: peak memory chunked CE {row['mem_gb']:.2f} GB / plain "
+                       f"{plain['mem_gb']:.2f} GB = {row['mem_gb'] / plain['mem_gb']:.2f}; kt/s "
+                       f"{_f(row['kt_s_best'], '.2f')} / {_f(plain['kt_s_best'], '.2f')}")
     return out
 
 
@@ -231,7 +264,8 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for row in rows.values():
         row["kt_s_best"] = max(row["kt_s_all"]) if row["kt_s_all"] else None
     for row in rows.values():
-        ref = rows.get((row["preset"], row["grad_cp"], "lora"))
+        ce = row["method"].partition("|")[2]
+        ref = rows.get((row["preset"], row["grad_cp"], "lora|" + ce if ce else "lora"))
         ok = ref and ref["kt_s_best"] and row["kt_s_best"]
         row["speed_vs_lora"] = row["kt_s_best"] / ref["kt_s_best"] if ok else None
         row["mem_vs_lora"] = row["mem_gb"] / ref["mem_gb"] if ok and ref["mem_gb"] and row["mem_gb"] else None
@@ -265,6 +299,9 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"| {row['preset']} | {row['grad_cp']} | {row['method']} | "
                      f"{_f(row['trainable'], ',')} | {rounds} | {_f(row['kt_s_best'], '.2f')} |{cpu_s} {mem_s} | "
                      f"{_f(row['speed_vs_lora'], '.2f')} | {_f(row['mem_vs_lora'], '.2f')} |")
+    ratios = ce_memory_ratios(result["summary"])
+    if ratios:
+        lines += [""] + ratios
     lines.append("")
     lines.append("paper Table 6 (RTX 4090, batch 1, ctx 512), Bone/LoRA: " + "; ".join(
         f"{p} kt/s {t['bone'][1] / t['lora'][1]:.2f} mem {t['bone'][0] / t['lora'][0]:.2f}, "
@@ -297,6 +334,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n_layer", type=int, default=None, help="override the preset's layer count")
     p.add_argument("--n_embd", type=int, default=None, help="override C (A = C, F = 3.5 C)")
     p.add_argument("--vocab", type=int, default=None, help="override the vocabulary size")
+    p.add_argument("--ce", type=_list(str), default=["chunked"],
+                   help="cross-entropy: chunked (train.py's default), plain, or chunked,plain (both)")
     p.add_argument("--bone_b", type=int, default=64)
     p.add_argument("--bone_mode", choices=["row", "col", "ab"], default="row")
     p.add_argument("--lora_r", type=int, default=32, help="LoRA / PiSSA / OLoRA rank (alpha = r)")
@@ -309,6 +348,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = [m for m in args.methods if m not in METHOD_LABELS]
     if bad:
         p.error(f"unknown method {bad[0]!r}; choose among {', '.join(METHOD_LABELS)}")
+    if not args.ce or any(c not in ("chunked", "plain") for c in args.ce):
+        p.error("--ce takes chunked, plain or chunked,plain")
     if any(v not in (0, 1) for v in args.grad_cp):
         p.error("--grad_cp takes 0, 1 or a comma list of them")
     for name in ("ctx_len", "micro_bsz", "steps", "repeats"):
@@ -343,7 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     for preset, label, cp, rnd in schedule(args):
         try:
-            rec = run_one(preset, label, bool(cp), rnd, args)
+            method, ce = split_label(label, args)
+            rec = run_one(preset, method, bool(cp), rnd, args, ce)
+            rec["method"] = label
         except (RuntimeError, ValueError) as exc:  # OOM and friends: record, go on with the rest
             rec = dict(preset=preset, method=label, grad_cp=cp, round=rnd,
                        error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")

@@ -19,6 +19,10 @@ from .errors import UserError
 
 # Lightning / DeepSpeed / DDP wrappers prepend these to every key.
 WRAPPER_PREFIXES = ("_forward_module.", "module.", "model.")
+# Keys only adapter files have: ours (with a "__peft__" settings entry) and RWKV-PEFT's (Bone,
+# LoRA/PiSSA, DiSHA tensors beside a linear; state tuning's per-layer initial state).
+ADAPTER_META_KEY = "__peft__"
+ADAPTER_KEY_RE = re.compile(r"\.(bone\w*|lora_[AB]|init_lora_[AB]|disha\w*|miss\w*)$|^blocks\.\d+\.att\.time_state$")
 
 
 def _torch_load(path: str) -> object:
@@ -77,8 +81,41 @@ def detect_generation(sd: Mapping[str, Tensor]) -> str | None:
     return None
 
 
+def is_adapter_only(sd: Mapping[str, object]) -> bool:
+    """True for a file of adapter tensors without the base model's weights (ours or a peer's)."""
+    if ADAPTER_META_KEY in sd:
+        return True
+    has_base = any(k.endswith(".att.key.weight") for k in sd)
+    return not has_base and any(ADAPTER_KEY_RE.search(k) for k in sd)
+
+
+def adapter_not_model(source: str) -> str:
+    """The one sentence every place that expects a model says when it is given an adapter."""
+    return (f"{source} is an adapter (it holds only adapter tensors), not a model; give the base RWKV-6 "
+            "model it was trained on, and pass the adapter with --adapter (generate.py, merge.py)")
+
+
+def first_non_finite(tensors: Mapping[str, object]) -> str | None:
+    """The first key whose floating-point tensor holds a NaN or an infinity, else None.
+
+    One float64 sum per tensor: finite values (|x| < 3.4e38, fewer than 2^53 of them) can never
+    overflow a float64 sum, so the sum is finite exactly when every element is."""
+    for key, t in tensors.items():
+        if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex()) and t.numel():
+            if not torch.isfinite(t.sum(dtype=torch.complex128 if t.is_complex() else torch.float64)):
+                return key
+    return None
+
+
+def non_finite_message(source: str, key: str) -> str:
+    return (f"{source} tensor {key} holds NaN or infinite values (a diverged run or a corrupt file); "
+            "use an earlier checkpoint")
+
+
 def validate_state_dict(sd: Mapping[str, Tensor], allow_extra_keys: bool = False, source: str = "the checkpoint") -> RWKV6Config:
     """Check `sd` (prefix-stripped) is a complete RWKV-6 state dict; return its inferred config."""
+    if is_adapter_only(sd):
+        raise UserError(adapter_not_model(source))
     bad = [k for k, v in sd.items() if not isinstance(v, Tensor)]
     if bad:
         raise UserError(
@@ -133,7 +170,8 @@ def validate_state_dict(sd: Mapping[str, Tensor], allow_extra_keys: bool = False
 
 def load_state_dict(path: str | os.PathLike, allow_extra_keys: bool = False) -> dict[str, Tensor]:
     """Read an RWKV-6 .pth into a prefix-stripped, validated state dict (tensors memory-mapped when
-    possible); raise UserError for missing files, non-torch files and other model generations."""
+    possible); raise UserError for missing files, non-torch files, other model generations, adapter
+    files and weights holding NaN/inf."""
     path = os.fspath(path)
     if not os.path.exists(path) and os.path.isfile(path + ".pth"):
         path += ".pth"  # the `rwkv` package convention: a model named without its .pth suffix
@@ -152,4 +190,7 @@ def load_state_dict(path: str | os.PathLike, allow_extra_keys: bool = False) -> 
         raise UserError(f"{path} holds a {type(obj).__name__}, not a state dict; expected an RWKV-6 .pth")
     sd = strip_prefixes(obj)
     validate_state_dict(sd, allow_extra_keys=allow_extra_keys, source=path)
+    bad = first_non_finite(sd)
+    if bad is not None:
+        raise UserError(non_finite_message(path, bad))
     return sd

@@ -3,7 +3,7 @@ with the carried recurrent state (no growing cache, constant cost per token).
 
     logits, state = feed(prompt)                       # in chunks; only the last logits are kept
     repeat: t = sample_next(logits); stop on end-of-document (id 0) or a stop string
-            logits, state = feed([t], state)
+            logits, state = model.step([t], state)     # the one-token path (rwkv_bone.decode)
 
 Sampling (`sample_next`), over the model's logits l (V,):
     temperature 0: greedy, argmax l.
@@ -18,26 +18,31 @@ is held back until it either completes the stop string (generation ends before i
 from __future__ import annotations
 
 import codecs
+import math
 from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from .decode import EOD_ID, PROMPT_CHUNK, advance, feed  # noqa: F401 - feed/PROMPT_CHUNK re-exported
 from .errors import UserError
-from .model import RWKV6, LayerState
+from .model import RWKV6
 
-EOD_ID = 0                # end of document: generation always stops here
 DEFAULT_TOP_P = 0.85      # the nucleus the RWKV reference demos use
-PROMPT_CHUNK = 256        # prompt tokens per forward: bounds the (T, V) logits held at once
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def check_sampling(temperature: float, top_p: float) -> None:
     """Refuse settings that have no meaning: temperature < 0 or top_p outside (0, 1]."""
-    if not temperature >= 0:  # also catches NaN
+    if not math.isfinite(temperature):
+        raise UserError(f"temperature {temperature} is not a finite number; use 0 for greedy decoding "
+                        "or a positive value such as 1.0")
+    if temperature < 0:
         raise UserError(f"temperature {temperature} is negative; use 0 for greedy decoding or a "
                         "positive value such as 1.0")
+    if math.isnan(top_p):
+        raise UserError("top_p nan is not a number; use a value in (0, 1] such as 0.85 (1 keeps every token)")
     if not 0 < top_p <= 1:
         raise UserError(f"top_p {top_p} is outside (0, 1]; use e.g. 0.85 (1 keeps every token)")
 
@@ -70,7 +75,7 @@ def load_model(path: str, adapter: Optional[str | Sequence[str]] = None, *,
     if not adapters:
         return RWKV6.from_checkpoint(path, dtype=dtype, device=dev).eval()
 
-    from .checkpoint import load_state_dict
+    from .checkpoint import first_non_finite, load_state_dict
     from .peft.adapter_io import merge_state_dict, read_adapter_file
 
     files = [read_adapter_file(a, lora_alpha, pissa_init) for a in adapters]  # all parsed before merging
@@ -79,6 +84,10 @@ def load_model(path: str, adapter: Optional[str | Sequence[str]] = None, *,
     sd = {k: v.to(torch.promote_types(v.dtype, dtype)) for k, v in base.items()}
     for af in files:
         sd = merge_state_dict(sd, af)
+    bad = first_non_finite(sd)
+    if bad is not None:
+        raise UserError(f"folding {', '.join(map(str, adapters))} into {path} gives NaN or infinite values "
+                        f"in {bad} (adapter values too large, or a wrong --lora_alpha?); check the adapter")
     return RWKV6.from_state_dict(sd, dtype=dtype, device=dev).eval()
 
 
@@ -96,21 +105,6 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_p: float = 1.0,
     before = torch.cumsum(sorted_p, dim=0) - sorted_p     # mass of the strictly more likely tokens
     nucleus = torch.where(before < top_p, sorted_p, torch.zeros_like(sorted_p))
     return int(order[torch.multinomial(nucleus, 1, generator=generator)])
-
-
-def feed(model: RWKV6, ids: Sequence[int], state: Optional[list[LayerState]] = None,
-         chunk: int = PROMPT_CHUNK) -> tuple[Tensor, list[LayerState]]:
-    """Run `ids` through the model after `state`; returns the logits (V,) at the last token and the
-    state after it. Pieces of `chunk` tokens give the same result as one pass (the state carries)."""
-    if len(ids) == 0:
-        raise UserError("nothing to feed the model; pass at least one token")
-    device = model.emb.weight.device
-    logits = None
-    for start in range(0, len(ids), chunk):
-        idx = torch.tensor([list(ids[start:start + chunk])], dtype=torch.long, device=device)  # (1, t)
-        out, state = model.forward_with_state(idx, state)  # (1, t, V)
-        logits = out[0, -1]
-    return logits, state
 
 
 @torch.inference_mode()
@@ -147,7 +141,7 @@ def generate_tokens(model: RWKV6, prompt_ids: Sequence[int], max_tokens: int = 2
             return
         yield token
         if n + 1 < max_tokens:
-            logits, state = feed(model, [token], state)
+            logits, state = advance(model, token, state)
 
 
 class TextStream:

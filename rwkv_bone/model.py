@@ -40,10 +40,14 @@ LN_X_EPS = 64e-5  # 1e-5 * head_size_divisor**2 with divisor 8, as in the refere
 LayerState = tuple[Tensor, Tensor, Tensor]
 
 
-def _shift(x: Tensor, prev: Optional[Tensor]) -> Tensor:
-    """shift(x)_t = x_{t-1}; x (B, T, C), prev (B, C) or None (zeros)."""
+def _shift(x: Tensor, prev: Optional[Tensor], doc_start: Optional[Tensor] = None) -> Tensor:
+    """shift(x)_t = x_{t-1}; x (B, T, C), prev (B, C) or None (zeros); zeros at the tokens marked
+    in doc_start (B, T) bool (a packed document's first token sees nothing before it)."""
     first = x.new_zeros(x.shape[0], 1, x.shape[2]) if prev is None else prev.to(x.dtype).unsqueeze(1)
-    return torch.cat([first, x[:, :-1]], dim=1)
+    shifted = torch.cat([first, x[:, :-1]], dim=1)
+    if doc_start is not None:
+        shifted = shifted.masked_fill(doc_start.unsqueeze(-1), 0.0)
+    return shifted
 
 
 class TimeMix(nn.Module):
@@ -80,11 +84,13 @@ class TimeMix(nn.Module):
         s0 = self.time_state.to(dtype).transpose(1, 2)  # file layout (H, value, key) -> (H, key, value)
         return s0.unsqueeze(0).expand(batch_size, -1, -1, -1).contiguous()
 
-    def forward(self, x: Tensor, shift_state: Optional[Tensor], wkv_state: Optional[Tensor]):
-        """x (B, T, C) -> out (B, T, C), last x (B, C), wkv state (B, H, N, N) (float32 or wider)."""
+    def forward(self, x: Tensor, shift_state: Optional[Tensor], wkv_state: Optional[Tensor],
+                doc_start: Optional[Tensor] = None):
+        """x (B, T, C) -> out (B, T, C), last x (B, C), wkv state (B, H, N, N) (float32 or wider).
+        doc_start (B, T) bool: both states restart from zero at each marked token."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
-        xx = _shift(x, shift_state) - x  # (B, T, C)
+        xx = _shift(x, shift_state, doc_start) - x  # (B, T, C)
         xxx = x + xx * self.time_maa_x
         m = torch.tanh(xxx @ self.time_maa_w1).view(B * T, 5, self.dim_maa).transpose(0, 1)  # (5, BT, Dm)
         m = torch.bmm(m, self.time_maa_w2).view(5, B, T, C)
@@ -108,7 +114,8 @@ class TimeMix(nn.Module):
             wkv_state = self.initial_wkv_state(B, wdt)
         # Autocast off: the op gets exactly the precision chosen here, whatever its implementation.
         with torch.autocast(device_type=x.device.type, enabled=False):
-            y, wkv_state = wkv6(heads(r), heads(k), heads(v), heads(w), self.time_faaaa.to(wdt), wkv_state)
+            args = (heads(r), heads(k), heads(v), heads(w), self.time_faaaa.to(wdt), wkv_state)
+            y, wkv_state = wkv6(*args) if doc_start is None else wkv6(*args, doc_start=doc_start)
             y = y.reshape(B * T, H * N)  # (BT, A) in wdt
             y = F.group_norm(y, H, self.ln_x.weight.to(wdt), self.ln_x.bias.to(wdt), LN_X_EPS)
         y = y.view(B, T, H * N).to(x.dtype) * g
@@ -126,9 +133,9 @@ class ChannelMix(nn.Module):
         self.receptance = nn.Linear(C, C, bias=False)
         self.value = nn.Linear(F_, C, bias=False)
 
-    def forward(self, x: Tensor, shift_state: Optional[Tensor]):
+    def forward(self, x: Tensor, shift_state: Optional[Tensor], doc_start: Optional[Tensor] = None):
         """x (B, T, C) -> out (B, T, C), last x (B, C)."""
-        xx = _shift(x, shift_state) - x
+        xx = _shift(x, shift_state, doc_start) - x
         xk = x + xx * self.time_maa_k
         xr = x + xx * self.time_maa_r
         kv = self.value(torch.relu(self.key(xk)) ** 2)
@@ -146,13 +153,14 @@ class Block(nn.Module):
         self.att = TimeMix(cfg, layer_id)
         self.ffn = ChannelMix(cfg, layer_id)
 
-    def forward(self, x: Tensor, att_x: Optional[Tensor], wkv: Optional[Tensor], ffn_x: Optional[Tensor]):
+    def forward(self, x: Tensor, att_x: Optional[Tensor], wkv: Optional[Tensor], ffn_x: Optional[Tensor],
+                doc_start: Optional[Tensor] = None):
         """x (B, T, C) -> x (B, T, C), new (att_x, wkv, ffn_x) state."""
         if self.layer_id == 0:
             x = self.ln0(x)
-        a, att_x, wkv = self.att(self.ln1(x), att_x, wkv)
+        a, att_x, wkv = self.att(self.ln1(x), att_x, wkv, doc_start)
         x = x + a
-        f, ffn_x = self.ffn(self.ln2(x), ffn_x)
+        f, ffn_x = self.ffn(self.ln2(x), ffn_x, doc_start)
         return x + f, att_x, wkv, ffn_x
 
 
@@ -167,23 +175,27 @@ class RWKV6(nn.Module):
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
 
     # ---- forward ---------------------------------------------------------------------------
-    def forward(self, idx: Tensor) -> Tensor:
-        """idx (B, T) LongTensor -> logits (B, T, V) float32 (float64 for a float64 model)."""
-        return self.forward_with_state(idx, None)[0]
+    def forward(self, idx: Tensor, doc_start: Optional[Tensor] = None) -> Tensor:
+        """idx (B, T) LongTensor -> logits (B, T, V) float32 (float64 for a float64 model).
+        doc_start (B, T) bool (packed samples): True at the first token of each document; every
+        document then gives the logits it would give alone."""
+        return self.forward_with_state(idx, None, doc_start)[0]
 
     def forward_with_state(
-        self, idx: Tensor, state: Optional[list[LayerState]] = None
+        self, idx: Tensor, state: Optional[list[LayerState]] = None, doc_start: Optional[Tensor] = None
     ) -> tuple[Tensor, list[LayerState]]:
         """Process idx (B, T) continuing from `state` (None = start of text); returns the state after
-        the last token, so feeding a sequence in pieces gives the same logits as feeding it whole."""
-        h, new_state = self.forward_features(idx, state)
+        the last token, so feeding a sequence in pieces gives the same logits as feeding it whole.
+        Where doc_start (B, T) bool is True every state restarts from zero (the given state is
+        dropped for rows marked at t = 0)."""
+        h, new_state = self.forward_features(idx, state, doc_start)
         logits = self.head(h)
         if logits.dtype in (torch.bfloat16, torch.float16):
             logits = logits.float()
         return logits, new_state
 
     def forward_features(
-        self, idx: Tensor, state: Optional[list[LayerState]] = None
+        self, idx: Tensor, state: Optional[list[LayerState]] = None, doc_start: Optional[Tensor] = None
     ) -> tuple[Tensor, list[LayerState]]:
         """As forward_with_state, but returns the hidden states ln_out(x) (B, T, C) that the head
         maps to logits (the chunked loss applies the head itself, a chunk at a time)."""
@@ -193,15 +205,18 @@ class RWKV6(nn.Module):
             raise UserError("cannot run the model on an empty sequence; pass at least one token")
         if state is not None and len(state) != len(self.blocks):
             raise UserError(f"the state holds {len(state)} layers but the model has {len(self.blocks)}")
+        if doc_start is not None and (doc_start.shape != idx.shape or doc_start.dtype != torch.bool):
+            raise UserError(f"doc_start must be a bool tensor shaped like the token ids {tuple(idx.shape)}, got "
+                            f"{doc_start.dtype} {tuple(doc_start.shape)}")
         x = self.emb(idx)  # (B, T, C)
         new_state: list[LayerState] = []
         use_cp = self.grad_cp and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             att_x, wkv, ffn_x = (None, None, None) if state is None else state[i]
             if use_cp:
-                x, att_x, wkv, ffn_x = checkpoint(block, x, att_x, wkv, ffn_x, use_reentrant=False)
+                x, att_x, wkv, ffn_x = checkpoint(block, x, att_x, wkv, ffn_x, doc_start, use_reentrant=False)
             else:
-                x, att_x, wkv, ffn_x = block(x, att_x, wkv, ffn_x)
+                x, att_x, wkv, ffn_x = block(x, att_x, wkv, ffn_x, doc_start)
             new_state.append((att_x, wkv, ffn_x))
         return self.ln_out(x), new_state
 
@@ -326,3 +341,59 @@ class RWKV6(nn.Module):
 
         check_writable_dir(path, "checkpoint")
         torch_save_atomic(self.official_state_dict(dtype), path)
+
+    # ---- one-token inference step -----------------------------------------------------------
+    @torch.no_grad()
+    def step(self, tokens: Tensor, state: list[LayerState]) -> tuple[Tensor, list[LayerState]]:
+        """Advance every row of `state` by one token: tokens (B,) int64 -> logits (B, V) float32
+        (float64 for a float64 model) and the new state. The same arithmetic as forward_with_state
+        at T = 1, written as plain per-head matrix ops (no token shift concat, no chunked WKV), which
+        is what makes greedy decoding cheap. Self-contained on purpose: it reads only the modules'
+        weights, so it keeps working whatever else forward_with_state grows."""
+        x = self.emb(tokens)  # (B, C)
+        new_state: list[LayerState] = []
+        for i, block in enumerate(self.blocks):
+            att_x, wkv, ffn_x = state[i]
+            if i == 0:
+                x = block.ln0(x)
+            a, att_x, wkv = _time_mix_step(block.att, block.ln1(x), att_x, wkv)
+            x = x + a
+            f, ffn_x = _channel_mix_step(block.ffn, block.ln2(x), ffn_x)
+            x = x + f
+            new_state.append((att_x, wkv, ffn_x))
+        logits = self.head(self.ln_out(x))
+        if logits.dtype in (torch.bfloat16, torch.float16):
+            logits = logits.float()
+        return logits, new_state
+
+
+def _time_mix_step(att: TimeMix, x: Tensor, prev: Tensor, S: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """TimeMix for one token: x, prev (B, C), S (B, H, N, N) -> out (B, C), x, new S. With
+    d = exp(-exp(w)): y = r (S + diag(u) k^T v) = r S + (r . u . k) v, S' = diag(d) S + k^T v."""
+    B, C = x.shape
+    H, N = att.n_head, att.head_size
+    xx = prev.to(x.dtype) - x
+    m = torch.tanh((x + xx * att.time_maa_x[0]) @ att.time_maa_w1)  # (B, 5 Dm)
+    m = torch.bmm(m.view(B, 5, att.dim_maa).transpose(0, 1), att.time_maa_w2)  # (5, B, C)
+    mw, mk, mv, mr, mg = m.unbind(0)
+    xw = x + xx * (att.time_maa_w[0] + mw)
+    r = att.receptance(x + xx * (att.time_maa_r[0] + mr))  # (B, A)
+    k = att.key(x + xx * (att.time_maa_k[0] + mk))
+    v = att.value(x + xx * (att.time_maa_v[0] + mv))
+    g = F.silu(att.gate(x + xx * (att.time_maa_g[0] + mg)))
+    wdt = S.dtype  # float32 (float64 for a float64 model), as in forward
+    w = att.time_decay[0].to(wdt) + (torch.tanh(xw @ att.time_decay_w1) @ att.time_decay_w2).to(wdt)
+    d = torch.exp(-torch.exp(w)).view(B, H, N, 1)
+    r, k, v = (t.to(wdt).view(B, H, N) for t in (r, k, v))
+    u = att.time_faaaa.to(wdt)  # (H, N)
+    y = torch.matmul(r.unsqueeze(2), S).squeeze(2) + (r * u * k).sum(-1, keepdim=True) * v  # (B, H, N)
+    S = d * S + k.unsqueeze(3) * v.unsqueeze(2)
+    y = F.group_norm(y.reshape(B, H * N), H, att.ln_x.weight.to(wdt), att.ln_x.bias.to(wdt), LN_X_EPS)
+    return att.output(y.to(x.dtype) * g), x, S
+
+
+def _channel_mix_step(ffn: ChannelMix, x: Tensor, prev: Tensor) -> tuple[Tensor, Tensor]:
+    """ChannelMix for one token: x, prev (B, C) -> out (B, C), x."""
+    xx = prev.to(x.dtype) - x
+    kv = ffn.value(torch.relu(ffn.key(x + xx * ffn.time_maa_k[0])) ** 2)
+    return torch.sigmoid(ffn.receptance(x + xx * ffn.time_maa_r[0])) * kv, x

@@ -78,8 +78,11 @@ def plot_runs(run_dirs: Sequence[str], output: str, smooth: int = 0, x_axis: str
         import matplotlib.pyplot as plt
     except ImportError:
         raise UserError("plotting needs matplotlib: pip install matplotlib") from None
-    from .cli import atomic_path
+    from .cli import atomic_path, check_writable_dir
 
+    if os.path.isdir(output):
+        raise UserError(f"--output {output} is a folder; give the path of the .png file to write")
+    check_writable_dir(output, "--output")
     labels = plot_labels(run_dirs)
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for run_dir, label in zip(run_dirs, labels):

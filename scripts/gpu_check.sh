@@ -2,14 +2,16 @@
 # shellcheck disable=SC2016,SC2054,SC2089,SC2090,SC2317  # code in strings, comma lists, bash -c
 # All GPU checks of the project in one call, for a CUDA machine such as the device machine (one
 # H200, no network): (a) environment, (b) set-up, (c) JIT build of the WKV6 CUDA kernel, (d) the
-# gpu-marked tests, (e) WKV kernel vs chunked benchmark, (f) Bone vs LoRA training-step benchmark
+# gpu-marked tests, (p) the kernel's self-check figures, packed documents (doc_start) against each
+# document alone, and chunked vs plain cross-entropy peak memory (V = 65536, 4096 tokens per
+# micro-batch), (e) WKV kernel vs chunked benchmark, (f) Bone vs LoRA training-step benchmark
 # (the paper's Table 6), (g) $OUT/summary.md.
 #
 #   bash scripts/gpu_check.sh                                   # results in $OUT (default gpu_out/)
 #   OUT=/tmp/gc GPU_CHECK_ALLOW_CPU=1 bash scripts/gpu_check.sh  # no GPU: CPU dry run, tiny sizes
 #
-# Files written to $OUT (7; the device tool brings back at most 8): env.txt, build.txt,
-# pytest_gpu.txt, bench_wkv.txt, train_step.txt, train_step.json, summary.md.
+# Files written to $OUT (8; the device tool brings back at most 8): env.txt, build.txt,
+# pytest_gpu.txt, paths.txt, bench_wkv.txt, train_step.txt, train_step.json, summary.md.
 # Every step has a timeout, clamped to what is left of GPU_CHECK_BUDGET_S (default 540 s, so the
 # whole script ends inside a 10-minute call), and the script goes on after a failing step.
 # Exit status: 0 every step that ran passed; 1 a step failed or timed out; 3 no CUDA and no dry
@@ -47,9 +49,10 @@ PY=${PY:-$(pick_python)}
 
 # ---- steps ---------------------------------------------------------------------------------
 declare -A TITLE=([a]="environment" [b]="set-up" [c]="build the WKV6 CUDA kernel"
-                  [d]="gpu-marked tests" [e]="WKV6 benchmark" [f]="training-step benchmark")
+                  [d]="gpu-marked tests" [p]="self-check, packed, chunked-CE paths"
+                  [e]="WKV6 benchmark" [f]="training-step benchmark")
 declare -A STATUS SECS LOG
-STEPS=(a b c d e f)
+STEPS=(a b c d p e f)
 FAILED=0
 
 record() {  # record KEY STATUS SECONDS LOGFILE
@@ -177,6 +180,9 @@ case $MODE in
     gpu)
         run_step c "$OUT/build.txt" 240 "$PY" -c "$BUILD_PY"
         run_step d "$OUT/pytest_gpu.txt" 120 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/
+        run_step p "$OUT/paths.txt" 150 bash -c '"$0" scripts/check_paths.py --device cuda && "$0" \
+            bench/bench_train_step.py --device cuda --dtype bf16 --presets 1.6b --micro_bsz 8 --ctx_len 512 \
+            --methods bone --ce chunked,plain --grad_cp 1 --steps 2 --warmup 1 --repeats 1' "$PY"
         run_step e "$OUT/bench_wkv.txt" 90 "$PY" bench/bench_wkv.py --cuda
         run_step f "$OUT/train_step.txt" 270 "$PY" bench/bench_train_step.py --device cuda \
             --dtype bf16 --ctx_len 512 --micro_bsz 1 "${TRAIN_ARGS[@]}"
@@ -184,13 +190,17 @@ case $MODE in
     cpu)  # dry run: the same plumbing at sizes a CPU finishes in seconds
         skip_step c "no CUDA (CPU dry run: the kernel needs a GPU build of torch)" "$OUT/build.txt"
         run_step d "$OUT/pytest_gpu.txt" 120 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/
+        run_step p "$OUT/paths.txt" 120 bash -c '"$0" scripts/check_paths.py --device cpu && "$0" \
+            bench/bench_train_step.py --device cpu --dtype fp32 --presets 1.6b --n_layer 2 --n_embd 128 \
+            --vocab 4096 --micro_bsz 2 --ctx_len 64 --methods bone --ce chunked,plain --grad_cp 0 --steps 1 \
+            --warmup 1 --repeats 1 --threads 1' "$PY"
         run_step e "$OUT/bench_wkv.txt" 90 "$PY" bench/bench_wkv.py --T 64 --H 4 --repeats 1
         run_step f "$OUT/train_step.txt" 120 "$PY" bench/bench_train_step.py --device cpu \
             --dtype bf16 --n_layer 2 --n_embd 128 --vocab 256 --ctx_len 32 --steps 2 --warmup 1 --threads 1 \
             "${TRAIN_ARGS[@]}"
         ;;
     none)
-        for key in c d e f; do skip_step "$key" "no CUDA"; done
+        for key in c d p e f; do skip_step "$key" "no CUDA"; done
         ;;
 esac
 
@@ -212,6 +222,8 @@ SUMMARY="$OUT/summary.md"
     echo
     echo "- kernel build: $(grep -m1 'kernel build+load' "$OUT/build.txt" 2>/dev/null || echo 'n/a')"
     echo "- gpu tests: $(grep -E '(passed|failed|skipped|error|no tests ran)' "$OUT/pytest_gpu.txt" 2>/dev/null | tail -n 1 || echo 'n/a')"
+    echo "- self-check / packed / chunked CE:"
+    grep -E -- '-> |peak memory chunked CE' "$OUT/paths.txt" 2>/dev/null | sed 's/^ */    /' || echo "    n/a"
     echo "- WKV6 forward+backward:"
     grep -E 'CUDA kernel .* ms|speed-up|chunked \(wkv6' "$OUT/bench_wkv.txt" 2>/dev/null | sed 's/^ */    /' ||
         echo "    n/a"

@@ -59,3 +59,20 @@ def test_report_prints_the_table_of_a_saved_run_without_running(tmp_path, capsys
     text = capsys.readouterr().out
     assert "| 3b | 0 | bone | 55,050,240 | 2.00 | 2.00 | 12.00 (13.00) | 0.50 | 1.20 |" in text
     assert "| 3b | 0 | pissa | n/a | - [1 failed: OutOfMemoryError: CUDA] | n/a | n/a | n/a | n/a |" in text
+
+
+def test_chunked_and_plain_ce_are_summarised_side_by_side():
+    bench = load_bench()
+    args = bench.parse_args(["--presets", "1.6b", "--methods", "bone,lora", "--ce", "chunked,plain", "--repeats", "2", "--device", "cpu"])
+    sched = bench.schedule(args)
+    assert [m for _, m, _, r in sched if r == 0] == ["bone|chunked", "bone|plain", "lora|chunked", "lora|plain"]
+    assert bench.split_label("bone|plain", args) == ("bone", "plain")
+    runs = [dict(preset="1.6b", method=m, grad_cp=1, round=0, trainable=1, kt_s=kt, peak_rss_gb=mem)
+            for m, kt, mem in (("bone|chunked", 1.0, 1.0), ("bone|plain", 2.0, 4.0),
+                               ("lora|chunked", 2.0, 1.5), ("lora|plain", 2.0, 5.0))]
+    summary = bench.summarise(runs)
+    rows = {r["method"]: r for r in summary}
+    assert rows["bone|plain"]["speed_vs_lora"] == 1.0 and rows["bone|chunked"]["speed_vs_lora"] == 0.5
+    (bone, lora) = bench.ce_memory_ratios(summary)
+    assert "bone: peak memory chunked CE 1.00 GB / plain 4.00 GB = 0.25" in bone
+    assert "= 0.30" in lora

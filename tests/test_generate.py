@@ -176,6 +176,10 @@ class ScriptedModel(torch.nn.Module):
         logits[0, -1, self.script[min(calls, len(self.script) - 1)]] = 1.0
         return logits, calls + 1
 
+    def step(self, tokens, state):  # the one-token path, as RWKV6.step: (B,) -> (B, V)
+        logits, state = self.forward_with_state(tokens[:, None], state)
+        return logits[:, -1], state
+
 
 def scripted(text: str) -> ScriptedModel:
     return ScriptedModel([b + 1 for b in text.encode("utf-8")])

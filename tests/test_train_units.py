@@ -101,13 +101,15 @@ def test_sft_sampler_masks_prompt_and_padding():
     s = SFTDocuments(ArrayReader(docs), ArrayReader(masks, np.uint8), ctx_len=8, seed=0)
     seen = {}
     for g in range(2):  # the first pass visits each document once
-        x, y, m = s(g)
-        seen[int(x[0])] = (x, y, m)
-    x, y, m = seen[5]
+        x, y, m, n = s(g)
+        seen[int(x[0])] = (x, y, m, n)
+    x, y, m, n = seen[5]
+    assert n == 5  # real (non-padding) positions
     assert x.tolist() == [5, 6, 7, 8, 9, 0, 0, 0]
     assert y.tolist() == [6, 7, 8, 9, 0, 0, 0, 0]
     assert m.tolist() == [0, 0, 1, 1, 1, 0, 0, 0]  # predicts 8, 9, 0; prompt and padding excluded
-    x, y, m = seen[1]
+    x, y, m, n = seen[1]
+    assert n == 8
     assert x.tolist() == list(range(1, 9)) and y.tolist() == list(range(2, 10))
     assert m.tolist() == [0] + [1] * 7
 

@@ -231,6 +231,37 @@ class MMapIndexedDataset:
         return self.get(i)
 
 
+def token_id_range(ds: MMapIndexedDataset, chunk: int = 1 << 24) -> tuple[int, int]:
+    """(smallest, largest) token id in ds's .bin ((0, -1) when empty), scanned once in chunks of the
+    memory map and cached in PREFIX.maxid.json, keyed by the .bin's size and mtime, so a later run
+    on the same data reads the answer instead of the file. A read-only folder just goes uncached."""
+    import json
+
+    from ..cli import text_atomic
+
+    bin_path, cache = ds.prefix + ".bin", ds.prefix + ".maxid.json"
+    st = os.stat(bin_path)
+    key = {"bin_bytes": st.st_size, "bin_mtime_ns": st.st_mtime_ns, "dtype": ds.dtype.name}
+    try:
+        with open(cache) as f:
+            saved = json.load(f)
+        if {k: saved.get(k) for k in key} == key:
+            return int(saved["min_id"]), int(saved["max_id"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # absent, stale or unreadable: scan again
+    lo, hi = 0, -1
+    n = int(ds.tokens.shape[0])
+    for i in range(0, n, chunk):
+        part = ds.tokens[i:i + chunk]
+        lo = int(part.min()) if i == 0 else min(lo, int(part.min()))
+        hi = max(hi, int(part.max()))
+    try:
+        text_atomic(json.dumps({**key, "min_id": lo, "max_id": hi}), cache)
+    except OSError:
+        pass
+    return lo, hi
+
+
 def load_masks(prefix: str, tokens: MMapIndexedDataset) -> MMapIndexedDataset | None:
     """The PREFIX.mask pair written by make_data for instruction data, or None when there is none.
 

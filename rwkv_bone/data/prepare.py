@@ -27,6 +27,10 @@ Outputs (PREFIX = --output)
   documents are all 1. A trainer uses loss mask = mask[1:] for targets y = doc[1:].
 All files go to temporary names first and are renamed at the end: an error leaves nothing behind.
 
+Tokeniser: --tokenizer (default RWKV World). The World vocab is encoded by pyrwkv-tokenizer (Rust)
+once its ids equal our reference on a start-up check (data/world_native.py), else, with one line
+on stderr, by the Python WorldTokenizer; custom vocab files use the Python one.
+
 Streaming: the input is read line by line in batches; batches are tokenised by a pool of worker
 processes (order preserved, a bounded number in flight) and appended to the .bin as they arrive;
 only the document sizes stay in memory. --epochs N writes the data N times, each epoch in a fresh
@@ -50,7 +54,7 @@ import numpy as np
 from ..cli import atomic_path, check_writable_dir
 from ..errors import UserError
 from .binidx import MAX_ITEM, BinIdxWriter, MMapIndexedDataset, magic_prime, split_prefix
-from .tokenizer import EOD_ID, HFTokenizer, WorldTokenizer, load_tokenizer, token_dtype
+from .tokenizer import EOD_ID, Tokenizer, load_tokenizer, token_dtype
 
 DEFAULT_PROMPT_TEMPLATE = "User: {prompt}\n\nAssistant:"
 DEFAULT_RESPONSE_TEMPLATE = " {response}"
@@ -64,6 +68,7 @@ class PrepareOptions:
     input: str
     output: str
     tokenizer: str | None = None           # None: RWKV World; a tokenizer.json; a World vocab .txt
+    native_tokenizer: bool = True          # World vocab: pyrwkv-tokenizer after its start-up check
     input_format: str | None = None        # "jsonl" | "txt"; None: from the file extension
     format: str = "auto"                   # jsonl records: auto | text | qa | alpaca
     text_field: str = "text"
@@ -125,7 +130,7 @@ class _Encoded:
 class _Encoder:
     """Turns raw records into token ids (and masks). Lives in every worker process."""
 
-    def __init__(self, tok: WorldTokenizer | HFTokenizer, opts: PrepareOptions, kind: str,
+    def __init__(self, tok: Tokenizer, opts: PrepareOptions, kind: str,
                  dtype: np.dtype):
         self.tok, self.o, self.kind, self.dtype = tok, opts, kind, dtype
 
@@ -178,13 +183,18 @@ class _Encoder:
     def _encode(self, text: str) -> list[int]:
         try:
             return self.tok.encode(text)
-        except Exception:
+        except Exception as exc:
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError as e:
                 raise _Bad(f"text contains an unpaired surrogate ({text[e.start]!r}) that is "
                            "not valid Unicode") from None
-            raise
+            # Valid text the tokenizer cannot encode: the tokenizer is broken, not the record
+            # (a UserError crosses the worker pool intact and stops the run).
+            name = self.o.tokenizer or "RWKV World (rwkv_vocab_v20230424)"
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+            raise UserError(f"the tokenizer {name} failed to encode the text ({reason}); fix the "
+                            "tokenizer file or choose another --tokenizer") from None
 
     def encode_batch(self, batch: tuple[list[tuple[int, bytes]], int]) -> _Encoded:
         records, nbytes = batch
@@ -327,6 +337,12 @@ def _check_options(o: PrepareOptions) -> str:
     if not os.path.basename(prefix) or os.path.isdir(prefix):
         raise UserError(f"--output {o.output} is a folder; give a file prefix such as "
                         f"{os.path.join(o.output, 'mydata')}")
+    for ext in (".bin", ".idx", ".mask.bin", ".mask.idx"):
+        out = prefix + ext
+        if os.path.abspath(out) == os.path.abspath(o.input) or \
+                (os.path.exists(out) and os.path.samefile(out, o.input)):
+            raise UserError(f"--output {o.output} would write {out}, which is the input file; "
+                            "choose another --output prefix")
     check_writable_dir(prefix + ".bin", "--output")
     return kind
 
@@ -344,7 +360,7 @@ def prepare(o: PrepareOptions) -> PrepareResult:
     """Tokenise `o.input` into `o.output`.bin/.idx (+ .mask.bin/.idx); see the module docstring."""
     kind = _check_options(o)
     prefix = split_prefix(o.output)
-    tok = load_tokenizer(o.tokenizer)
+    tok = load_tokenizer(o.tokenizer, native=o.native_tokenizer)
     dtype = token_dtype(tok.vocab_size)
     encoder = _Encoder(tok, o, kind, dtype)
     reshuffle = o.epochs > 1 or o.shuffle

@@ -24,6 +24,9 @@ implements literally and the tests compare against):
    (" tower", ",", "\\n\\n"); they repeat (Zipf), so each short piece's ids are cached.
    The pair table is built from the vocab itself, so this holds for any vocab file of this format.
 
+make_data encodes the World vocab with pyrwkv-tokenizer (Rust) instead, after checking it against
+`encode_reference` at start; see world_native.py. This file stays the reference and the fallback.
+
 Hugging Face
 ------------
 `HFTokenizer(path)` wraps any `tokenizer.json` through the `tokenizers` package; special tokens are
@@ -35,7 +38,8 @@ import ast
 import importlib.util
 import os
 import re
-from typing import Protocol, Sequence
+import sys
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -73,6 +77,17 @@ def world_vocab_path() -> str:
                     "(pip install -U rwkv) or pass --tokenizer path/to/tokenizer.json")
 
 
+def _literal(text: str) -> str | bytes:
+    """The value of one vocab literal. Most are quoted strings without escapes (no backslash and no
+    inner quote of the same kind), whose value is the text between the quotes; that shortcut makes
+    loading the 65529-line vocab ~6x faster than literal_eval on every line."""
+    q = text[:1]
+    if len(text) >= 2 and q in ("'", '"') and text[-1] == q and "\\" not in text \
+            and q not in text[1:-1]:
+        return text[1:-1]
+    return ast.literal_eval(text)
+
+
 def load_world_vocab(path: str) -> list[bytes]:
     """Read a World vocab file into a list indexed by id (index 0, end of document, is b"")."""
     if not os.path.isfile(path):
@@ -86,7 +101,7 @@ def load_world_vocab(path: str) -> list[bytes]:
             try:
                 first, last = line.index(" "), line.rindex(" ")
                 idx, nbytes = int(line[:first]), int(line[last + 1:])
-                lit = ast.literal_eval(line[first + 1:last])
+                lit = _literal(line[first + 1:last])
             except (ValueError, SyntaxError) as e:
                 raise UserError(f"{path} line {lineno}: not an 'ID LITERAL BYTELEN' vocab line "
                                 f"({e}); is this an RWKV World vocab file?") from None
@@ -135,8 +150,8 @@ def _trie_regex(tokens: Sequence[bytes]) -> re.Pattern[bytes]:
     return re.compile(alternation(root), re.DOTALL)
 
 
-class _WorldTables:
-    """Everything derived from one vocab file; built once per process and shared by instances."""
+class WorldVocab:
+    """One World vocab file: id -> bytes, bytes -> id, longest token. Loaded once per process."""
 
     def __init__(self, path: str):
         self.path = path
@@ -144,6 +159,46 @@ class _WorldTables:
         # Later ids win for duplicate byte strings, as in the official tokenizer.
         self.bytes_to_id = {t: i for i, t in enumerate(self.id_to_bytes) if t}
         self.max_len = max(len(t) for t in self.id_to_bytes)
+        # Longest token starting with each 1- or 2-byte prefix: lengths above it cannot match, so
+        # the reference skips them (e.g. after "a" at most 16 bytes, not 128). Absent prefix: 1.
+        self.longest_from: dict[bytes, int] = {}
+        for tok in self.bytes_to_id:
+            head = tok[:2]
+            self.longest_from[head] = max(self.longest_from.get(head, 1), len(tok))
+
+    def encode_reference(self, data: bytes) -> list[int]:
+        """The definition, literally: at each position try every length, longest first (only
+        lengths some token starting with the next two bytes has). Slow; the source of truth."""
+        ids, i, table, bound = [], 0, self.bytes_to_id, self.longest_from
+        while i < len(data):
+            for length in range(min(bound.get(data[i:i + 2], 1), len(data) - i), 0, -1):
+                tid = table.get(data[i:i + length])
+                if tid is not None:
+                    ids.append(tid)
+                    i += length
+                    break
+        return ids
+
+
+_VOCABS: dict[str, WorldVocab] = {}
+
+
+def world_vocab(path: str | None = None) -> WorldVocab:
+    """The (cached) WorldVocab of `path` (default: the World vocab of the rwkv package)."""
+    path = os.path.abspath(path or world_vocab_path())
+    if path not in _VOCABS:
+        _VOCABS[path] = WorldVocab(path)
+    return _VOCABS[path]
+
+
+class _WorldTables:
+    """Everything the fast Python encoder derives from one vocab file; built once per process."""
+
+    def __init__(self, path: str):
+        vocab = world_vocab(path)
+        self.path = path
+        self.vocab = vocab
+        self.id_to_bytes, self.bytes_to_id, self.max_len = vocab.id_to_bytes, vocab.bytes_to_id, vocab.max_len
         self.regex = _trie_regex(list(self.bytes_to_id))
         inner = np.zeros((256, 256), dtype=bool)  # inner[x, y]: pair (x, y) occurs inside a token
         for tok in self.bytes_to_id:
@@ -214,16 +269,8 @@ class WorldTokenizer:
         return self.encode_bytes(text.encode("utf-8"))
 
     def encode_reference(self, data: bytes) -> list[int]:
-        """The definition, literally: at each position try every length, longest first. Slow."""
-        ids, i, table = [], 0, self._t.bytes_to_id
-        while i < len(data):
-            for length in range(min(self._t.max_len, len(data) - i), 0, -1):
-                tid = table.get(data[i:i + length])
-                if tid is not None:
-                    ids.append(tid)
-                    i += length
-                    break
-        return ids
+        """The definition, literally (see WorldVocab.encode_reference). Slow."""
+        return self._t.vocab.encode_reference(data)
 
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
         """Concatenated bytes of `ids`; the end-of-document id 0 decodes to nothing."""
@@ -272,16 +319,36 @@ class HFTokenizer:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
-def load_tokenizer(spec: str | None = None) -> WorldTokenizer | HFTokenizer:
-    """`None`/"world": RWKV World; a `.json` file: Hugging Face; a `.txt` file: a World-format vocab."""
+def load_tokenizer(spec: str | None = None, native: bool = False,
+                   warn: Callable[[str], None] | None = None) -> Tokenizer:
+    """`None`/"world": RWKV World; a `.json` file: Hugging Face; a `.txt` file: a World-format vocab.
+
+    native=True (make_data): the World vocab is encoded by pyrwkv-tokenizer when it gives our ids
+    on the start-up checks (world_native.py); otherwise `warn` gets one line saying why and the
+    Python WorldTokenizer is used. Custom vocab files always use the Python tokenizer.
+    """
     if spec is None or spec.lower() in ("world", "rwkv"):
+        if native:
+            from .world_native import NativeWorldTokenizer
+
+            tok, why = NativeWorldTokenizer.create()
+            if tok is not None:
+                return tok
+            (warn or _stderr)(f"note: {why}; using the built-in Python World tokenizer "
+                              "(same ids, slower)")
         return WorldTokenizer()
     if not os.path.exists(spec):
         raise UserError(f"tokenizer file {spec} not found; pass a tokenizer.json, a World vocab "
                         ".txt, or omit --tokenizer for the RWKV World tokenizer")
+    if os.path.isdir(spec):
+        raise UserError(f"--tokenizer {spec} is a folder; pass the tokenizer.json or World vocab .txt file in it")
     if spec.endswith(".json"):
         return HFTokenizer(spec)
     return WorldTokenizer(spec)
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -6,6 +6,7 @@ reported as one `UserError` sentence; file-level checks live next to the code th
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from typing import Sequence
 
@@ -31,6 +32,7 @@ STRATEGIES = (
     "deepspeed_stage_3_offload",
 )
 # What --precision accepts, mapped to the two behaviours we implement (see `precision_mode`).
+VALID_TASKS = ("none", "gsm8k", "math", "exact")
 PRECISIONS = {"bf16": "bf16", "bf16-mixed": "bf16", "fp32": "fp32", "32": "fp32", "32-true": "fp32"}
 
 
@@ -64,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="binidx: random ctx_len+1 windows of the token stream; sft: one document per sample "
                         "with the loss mask PREFIX.mask.bin/.idx")
     g.add_argument("--ctx_len", type=int, default=512, help="tokens per sample")
+    g.add_argument("--sft_pack", type=_bool01, default=False,
+                   help="1 (sft only): pack several documents into each ctx_len row, each starting from a "
+                        "clean state (first-fit in the data order)")
     g.add_argument("--magic_prime", type=int, default=0,
                    help="binidx only: visit every ctx_len chunk once (p prime, p %% 3 == 2, p <= tokens//ctx_len - 1)")
     g.add_argument("--my_exit_tokens", type=int, default=0, help="stop after this many training tokens (0 = off)")
@@ -90,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam_eps", type=float, default=1e-8, help="AdamW epsilon")
     g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (2-D+ tensors only)")
     g.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
+    g.add_argument("--layerwise_lr", type=_bool01, default=False,
+                   help="1: RWKV-LM's x060 lr groups: tensors named *time_decay* (time_decay, time_decay_w1/w2) "
+                        "at 2x the lr, the rest 1x; needs them to train (--train_parts time, or --peft none)")
     g.add_argument("--grad_cp", type=_bool01, default=False, help="1: activation checkpointing per block")
     g.add_argument("--chunked_ce", type=_bool01, default=True,
                    help="1: head + cross-entropy in token chunks, recomputed in backward (the (B, T, V) "
@@ -133,6 +141,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue from PROJ_DIR's last saved training state")
     g.add_argument("--dry_run", action="store_true", help="print dims and trainable parameter count, then exit")
     g.add_argument("--progress", type=_bool01, default=True, help="show the progress bar")
+
+    g = p.add_argument_group("validation")
+    g.add_argument("--valid_data", default="",
+                   help="held-out data scored during training: a .jsonl (as for make_data / eval.py) or a "
+                        "make_data binidx prefix with its mask; logs valid_loss / valid_ppl")
+    g.add_argument("--valid_every", type=int, default=0,
+                   help="validate every this many optimizer steps (0 = at every epoch end); always after the last")
+    g.add_argument("--valid_task", default="none", choices=VALID_TASKS,
+                   help="also log valid_acc, greedy accuracy as eval.py --task scores it (needs a .jsonl)")
+    g.add_argument("--valid_limit", type=int, default=100, help="records scored for valid_acc")
+    g.add_argument("--valid_max_tokens", type=int, default=256, help="new tokens per answer for valid_acc")
+    g.add_argument("--valid_tokenizer", default="",
+                   help="tokenizer for a .jsonl --valid_data: tokenizer.json or World vocab .txt (default World)")
     return p
 
 
@@ -184,6 +205,22 @@ def method_label(args: argparse.Namespace) -> str:
     return "full"
 
 
+def validate_valid_args(args: argparse.Namespace) -> None:
+    """--valid_* combinations that cannot work."""
+    if not args.valid_data:
+        if args.valid_task != "none" or args.valid_every:
+            raise UserError("--valid_every and --valid_task need --valid_data (a held-out .jsonl or binidx prefix)")
+        return
+    if args.valid_every < 0 or args.valid_limit < 1 or args.valid_max_tokens < 1:
+        raise UserError("--valid_every must not be negative; --valid_limit and --valid_max_tokens must be at least 1")
+    if args.valid_task != "none" and not args.valid_data.endswith(".jsonl"):
+        raise UserError(f"--valid_task {args.valid_task} needs question/answer records: give --valid_data as a "
+                        ".jsonl file (a binidx prefix holds only tokens, enough for the loss)")
+    if args.strategy.startswith("deepspeed_stage_3"):
+        raise UserError("--valid_data does not work with ZeRO stage 3 (the weights are sharded); use "
+                        "deepspeed_stage_2, or score the saved adapter with eval.py")
+
+
 def validate(args: argparse.Namespace) -> None:
     """Flag combinations that can never work; each raises one UserError sentence."""
     positive = ["ctx_len", "micro_bsz", "accumulate_grad_batches", "epoch_steps", "epoch_count", "epoch_save",
@@ -195,6 +232,11 @@ def validate(args: argparse.Namespace) -> None:
                  "n_layer", "n_embd", "vocab_size"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must not be negative, got {getattr(args, name)}")
+    for name in ("lr_init", "lr_final", "beta1", "beta2", "adam_eps", "weight_decay", "grad_clip", "lora_alpha",
+                 "lora_dropout"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise UserError(f"--{name} {value} is not a finite number; give a plain number")
     if args.lr_init is None:
         args.lr_init = DEFAULT_STATE_LR if args.peft == "state" else DEFAULT_LR
     if args.l2wrap is None:
@@ -240,6 +282,8 @@ def validate(args: argparse.Namespace) -> None:
         if args.model_preset:
             raise UserError("--model_preset is only for training from scratch or --dry_run; the dims of "
                             "--load_model are read from the checkpoint, so drop --model_preset")
+        if os.path.isdir(args.load_model):
+            raise UserError(f"--load_model {args.load_model} is a folder; give the path of the RWKV-6 .pth file itself")
         if not os.path.isfile(args.load_model):
             raise UserError(f"--load_model {args.load_model} does not exist; give the path of an RWKV-6 .pth file")
     else:
@@ -251,13 +295,19 @@ def validate(args: argparse.Namespace) -> None:
         if from_scratch(args) and args.peft != "none":
             raise UserError(f'--load_model "" trains a new model from scratch, where every weight trains: '
                             f"use --peft none (adapters such as --peft {args.peft} need a pre-trained --load_model)")
+    if args.layerwise_lr and args.peft != "none" and "time" not in train_parts(args):
+        raise UserError("--layerwise_lr 1 doubles the lr of the time_decay tensors, which train only with "
+                        "--train_parts time (or --peft none); add --train_parts time or drop --layerwise_lr")
     if args.peft == "none" and args.train_parts and not from_scratch(args):
         raise UserError("--train_parts only adds parts to an adapter; with --peft none every weight trains already")
 
     if args.dry_run:
         return
+    validate_valid_args(args)
     if not args.data_file:
         raise UserError("--data_file is required: the binidx prefix (PREFIX.bin / PREFIX.idx, without extension)")
+    if args.sft_pack and args.data_type != "sft":
+        raise UserError("--sft_pack 1 packs sft documents; it needs --data_type sft")
     if args.magic_prime and args.data_type == "sft":
         raise UserError("--magic_prime applies to --data_type binidx only; sft takes one document per sample")
     if args.strategy == "auto" and args.devices * args.num_nodes > 1:

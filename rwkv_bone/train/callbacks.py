@@ -5,8 +5,10 @@ Files (rank 0 writes them; collective parts - loss averaging, gathering ZeRO ten
 state - run on every rank):
 - PROJ_DIR/train_log.txt: "NEW RUN <timestamp>", the arguments, then per epoch the RWKV line
   `{epoch} {loss:.6f} {exp(loss):.4f} {lr:.8f} {datetime} {epoch}` (loss = mean over the epoch).
-- PROJ_DIR/metrics.csv: step,loss,lr,tokens,kt/s,peak_mem_mb (one row per optimizer step; the
-  loss is averaged over micro-batches and ranks). A resumed run drops rows after its state's step.
+- PROJ_DIR/metrics.csv: step,loss,lr,tokens,kt/s,peak_mem_mb,valid_loss,valid_ppl,valid_acc (one row
+  per optimizer step; the loss is averaged over micro-batches and ranks; kt/s counts real positions,
+  sft padding excluded; the valid_* columns are filled on --valid_data steps). A resumed run drops
+  rows after its state's step.
 - W&B (--wandb PROJECT): loss, lr, Gtokens, kt/s per step. Without WANDB_MODE set and without a
   W&B login (WANDB_API_KEY or ~/.netrc), the run is recorded offline (`wandb sync` uploads it later).
 """
@@ -28,7 +30,7 @@ from ..errors import UserError
 from . import checkpoints as ck
 
 METRICS_FILE = "metrics.csv"
-METRICS_HEADER = ["step", "loss", "lr", "tokens", "kt/s", "peak_mem_mb"]
+METRICS_HEADER = ["step", "loss", "lr", "tokens", "kt/s", "peak_mem_mb", "valid_loss", "valid_ppl", "valid_acc"]
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -97,6 +99,11 @@ class RunRecorder(pl.Callback):
         self.wandb_run = None
         self.saved_epochs: set[int] = set()
         self.t_last = time.time()
+        # The state of step k is written once step k+1's loss is known to be finite (see save_state).
+        self.pending_state: tuple[int, tuple[float, int]] | None = None
+        self.saved_state_step: int | None = int(resume_info["step"]) if resume_info else None
+        self.interrupted = False  # Ctrl-C (KeyboardInterrupt) seen by on_exception
+        self.last_step = start_step
 
     # ---- helpers --------------------------------------------------------------------------
     def path(self, name: str) -> str:
@@ -130,22 +137,30 @@ class RunRecorder(pl.Callback):
         if (batch_idx + 1) % self.args.accumulate_grad_batches:
             return
         step = pl_module.start_step + trainer.global_step  # optimizer steps done, 1-based index of this one
-        local = torch.tensor(sum(self.micro_losses) / len(self.micro_losses), dtype=torch.float64)
+        self.last_step = step
+        # The micro-batch losses are device tensors (no sync per micro-batch); one read per step.
+        local = torch.stack([torch.as_tensor(v).to(torch.float64) for v in self.micro_losses]).mean()
         self.micro_losses.clear()
         loss = float(trainer.strategy.reduce(local.to(pl_module.device), reduce_op="mean")) \
             if trainer.world_size > 1 else float(local)
         now = time.time()
-        kts = self.tokens_per_step / max(now - self.t_last, 1e-9) / 1000
+        # kt/s counts real positions (sft padding excluded), summed over ranks.
+        real = pl_module.take_real_tokens() if hasattr(pl_module, "take_real_tokens") else self.tokens_per_step
+        if trainer.world_size > 1:
+            real = int(trainer.strategy.reduce(torch.tensor(float(real), device=pl_module.device), reduce_op="sum"))
+        kts = real / max(now - self.t_last, 1e-9) / 1000
         lr = pl_module.args.lr_init if not trainer.optimizers else trainer.optimizers[0].param_groups[0]["lr"]
         pl_module.log("kt/s", kts, prog_bar=True, logger=False, on_step=True, on_epoch=False, rank_zero_only=True)
         self.epoch_loss_sum += loss
         self.epoch_loss_count += 1
         if trainer.is_global_zero:
             tokens = step * self.tokens_per_step
+            valid = getattr(pl_module, "valid_metrics", None) or {}  # set by train/validate.py's Validator
+            vcols = ",".join(f"{valid[k]:.6f}" if k in valid else "" for k in ("valid_loss", "valid_ppl", "valid_acc"))
             with open(self.path(METRICS_FILE), "a") as f:
-                f.write(f"{step},{loss:.6f},{lr:.8g},{tokens},{kts:.3f},{peak_memory_mb(pl_module.device):.1f}\n")
+                f.write(f"{step},{loss:.6f},{lr:.8g},{tokens},{kts:.3f},{peak_memory_mb(pl_module.device):.1f},{vcols}\n")
             if self.wandb_run is not None:
-                self.wandb_run.log({"loss": loss, "lr": lr, "Gtokens": tokens / 1e9, "kt/s": kts}, step=step)
+                self.wandb_run.log({"loss": loss, "lr": lr, "Gtokens": tokens / 1e9, "kt/s": kts, **valid}, step=step)
 
         epoch_end = step % self.args.epoch_steps == 0 or step == self.total_steps
         if epoch_end:
@@ -175,7 +190,24 @@ class RunRecorder(pl.Callback):
         self.saved_epochs.add(epoch)
 
     def save_state(self, trainer, pl_module, step: int) -> None:
+        """The resumable state after step k is only written once step k+1's forward pass gave a
+        finite loss (on_before_backward, weights and optimizer still those of step k): after a
+        divergence the kept state is one whose forward pass is finite, so --resume with a lower lr
+        continues. The last step of the run is written at once."""
         epoch_loss = (self.epoch_loss_sum, self.epoch_loss_count)
+        if step >= self.total_steps:
+            self.pending_state = None
+            self.write_state(trainer, pl_module, step, epoch_loss)
+        else:
+            self.pending_state = (step, epoch_loss)
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module, loss) -> None:
+        if self.pending_state is not None:  # this loss is finite (NonFiniteLoss is raised before)
+            step, epoch_loss = self.pending_state
+            self.pending_state = None
+            self.write_state(trainer, pl_module, step, epoch_loss)
+
+    def write_state(self, trainer, pl_module, step: int, epoch_loss: tuple[float, int]) -> None:
         if self.deepspeed_on:
             ck.save_deepspeed_state(self.args.proj_dir, trainer.strategy.deepspeed_engine, step=step,
                                     epoch_loss=epoch_loss, args=self.args, is_rank0=trainer.is_global_zero,
@@ -183,8 +215,22 @@ class RunRecorder(pl.Callback):
         elif trainer.is_global_zero:
             ck.save_plain_state(self.args.proj_dir, step=step, model=pl_module.model,
                                 optimizer=trainer.optimizers[0], epoch_loss=epoch_loss, args=self.args)
+        self.saved_state_step = step
+
+    def interrupted_message(self) -> str:
+        """One line for Ctrl-C: where the state to --resume from is, or that there is none yet."""
+        where = os.path.join(self.args.proj_dir, ck.STATE_POINTER if self.deepspeed_on else ck.STATE_FILE)
+        if self.saved_state_step is None:
+            return (f"interrupted at step {self.last_step}, before any training state was saved; "
+                    "nothing to resume, start the run again")
+        return (f"interrupted at step {self.last_step}; the training state of step {self.saved_state_step} "
+                f"is in {where}: rerun the same command with --resume to continue")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
+        if self.pending_state is not None:  # no further step ran: the weights are still step k's
+            step, epoch_loss = self.pending_state
+            self.pending_state = None
+            self.write_state(trainer, pl_module, step, epoch_loss)
         if not trainer.is_global_zero:
             return
         if self.wandb_run is not None:
@@ -195,6 +241,7 @@ class RunRecorder(pl.Callback):
         plot_runs([self.args.proj_dir], self.path("loss.png"))
 
     def on_exception(self, trainer: pl.Trainer, pl_module, exception: BaseException) -> None:
+        self.interrupted = isinstance(exception, KeyboardInterrupt)
         if self.wandb_run is not None:
             self.wandb_run.finish(exit_code=1)
             self.wandb_run = None

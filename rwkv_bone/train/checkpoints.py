@@ -35,8 +35,8 @@ STATE_FORMAT = "rwkv-bone-train-state"
 # Flags that must not change between a run and its resumption (they change the data or the model).
 # --epoch_count may grow (train longer; a decaying lr schedule then spans the new length).
 RESUME_KEYS = ("data_file", "data_type", "ctx_len", "micro_bsz", "accumulate_grad_batches", "epoch_steps",
-               "random_seed", "peft", "bone_b", "bone_mode", "lora_r", "pissa_r", "miss_r", "miss_mode", "miss_mini_r",
-               "train_parts", "magic_prime", "load_model")
+               "random_seed", "peft", "bone_b", "bone_mode", "lora_r", "pissa_r", "miss_r", "miss_mode",
+               "miss_mini_r", "train_parts", "magic_prime", "load_model", "layerwise_lr", "sft_pack")
 
 
 def trained_tensors(model: torch.nn.Module, deepspeed_on: bool) -> dict[str, torch.Tensor]:
@@ -121,8 +121,14 @@ def find_state(proj_dir: str, deepspeed_on: bool) -> dict:
             other = " (there is a non-DeepSpeed state: resume with that --strategy)" if os.path.isfile(plain) else ""
             raise UserError(f"--resume: no DeepSpeed training state in {proj_dir} ({STATE_POINTER}){other}; "
                             "start without --resume or point --proj_dir at the run to continue")
-        with open(pointer) as f:
-            info = json.load(f)
+        try:
+            with open(pointer) as f:
+                info = json.load(f)
+            ok = isinstance(info, dict) and info.get("format") == STATE_FORMAT and "tag" in info and "step" in info
+        except (OSError, ValueError):
+            ok = False
+        if not ok:
+            raise UserError(f"--resume: {pointer} is not a readable rwkv-bone training state; start without --resume")
         info["kind"] = "deepspeed"
         return info
     if not os.path.isfile(plain):
@@ -133,7 +139,8 @@ def find_state(proj_dir: str, deepspeed_on: bool) -> dict:
         state = torch.load(plain, map_location="cpu", weights_only=True)
     except Exception:
         raise UserError(f"--resume: {plain} is not a readable training state; start without --resume") from None
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or \
+            not all(k in state for k in ("step", "trainable", "optimizer")):
         raise UserError(f"--resume: {plain} is not a rwkv-bone training state; start without --resume")
     state["kind"] = "plain"
     return state

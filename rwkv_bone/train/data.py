@@ -12,7 +12,14 @@ Samplers (each returns x, y: int64 (ctx_len,) and, for sft, a float32 loss mask 
 - magic prime p: sample i starts at ((floor(p * 0.618034) * i^3) mod p) * ctx_len. With p prime
   and p % 3 == 2, i -> i^3 is a bijection mod p, so p consecutive samples visit every chunk once;
 - sft: one document per sample (documents in a fresh random order for every pass over the data),
-  s = doc[:ctx_len+1] padded with 0, x = s[:-1], y = s[1:], mask = docmask[1:] (0 on padding).
+  s = doc[:ctx_len+1] padded with 0, x = s[:-1], y = s[1:], mask = docmask[1:] (0 on padding);
+  also returns the number of real (non-padding) positions, int64 ();
+- packed sft (--sft_pack 1): the documents of each pass, in that pass's order, truncated as above,
+  packed greedily first-fit into ctx_len rows (a window of PACK_WINDOW open rows; a row is emitted
+  when it falls out of the window, rows in order of opening). Document d contributes
+  x_d = s_d[:-1], y_d = s_d[1:], mask_d = docmask_d[1:] at its offset, and doc_start marks its first
+  position (so the model restarts its state there); one-token documents hold no positions and are
+  skipped. Sample g is row g of the concatenated passes, so it depends only on (seed, g).
 """
 from __future__ import annotations
 
@@ -111,7 +118,86 @@ class SFTDocuments:
         m = np.zeros(T1, dtype=np.float32)  # padding: 0 = not trained
         s[:toks.shape[0]] = toks
         m[:msk.shape[0]] = msk
-        return s[:-1], s[1:], m[1:]
+        return s[:-1], s[1:], m[1:], np.int64(max(0, toks.shape[0] - 1))
+
+
+PACK_WINDOW = 64  # open rows first-fit looks at (bounds the packing cost at O(documents x window))
+
+
+def first_fit(lengths: np.ndarray, capacity: int, window: int = PACK_WINDOW) -> list[list[int]]:
+    """Greedy first-fit of item lengths (each 1..capacity) into rows of `capacity`, in the given
+    order, looking at the `window` most recently opened rows; returns rows of item indices in the
+    order the rows were opened."""
+    rows: list[list[int]] = []
+    free = np.empty(0, dtype=np.int64)  # free space of the open rows (rows[first:])
+    first = 0
+    for i, n in enumerate(lengths.tolist()):
+        fits = np.flatnonzero(free >= n)
+        if fits.size:
+            j = int(fits[0])
+            free[j] -= n
+            rows[first + j].append(i)
+            continue
+        rows.append([i])
+        free = np.append(free, capacity - n)
+        if free.size > window:  # the oldest open row is closed for good
+            free = free[1:]
+            first += 1
+    return rows
+
+
+class PackedSFTDocuments(SFTDocuments):
+    """Several documents per ctx_len row (see the module docstring); returns x, y, mask, the number
+    of real positions and doc_start (ctx_len,) bool."""
+
+    def __init__(self, reader: TokenReader, mask: TokenReader, ctx_len: int, seed: int) -> None:
+        super().__init__(reader, mask, ctx_len, seed)
+        # Positions each document fills: its truncated length minus one.
+        self.positions = np.minimum(np.asarray(reader.sizes, dtype=np.int64), ctx_len + 1) - 1
+        if not (self.positions > 0).any():
+            raise UserError("every sft document holds a single token, so there is nothing to train on; "
+                            "rebuild the data with make_data.py")
+        self.pass_rows: list[int] = []  # rows of each pass packed so far
+        self._rows_pass, self._rows = -1, []
+
+    def rows(self, data_pass: int) -> list[list[int]]:
+        """Rows (lists of document ids) of one pass."""
+        if data_pass != self._rows_pass:
+            order = self.order(data_pass)
+            order = order[self.positions[order] > 0]
+            self._rows = [[int(order[i]) for i in row] for row in first_fit(self.positions[order], self.ctx_len)]
+            self._rows_pass = data_pass
+        return self._rows
+
+    def locate(self, g: int) -> tuple[int, int]:
+        """(pass, row in pass) of global sample g; passes are packed in order as needed."""
+        data_pass = 0
+        while True:
+            if data_pass == len(self.pass_rows):
+                self.pass_rows.append(len(self.rows(data_pass)))
+            if g < self.pass_rows[data_pass]:
+                return data_pass, g
+            g -= self.pass_rows[data_pass]
+            data_pass += 1
+
+    def __call__(self, g: int) -> tuple[np.ndarray, ...]:
+        data_pass, row = self.locate(g)
+        L = self.ctx_len
+        x = np.zeros(L, dtype=np.int64)
+        y = np.zeros(L, dtype=np.int64)
+        m = np.zeros(L, dtype=np.float32)  # padding: 0 = not trained
+        start = np.zeros(L, dtype=bool)
+        at = 0
+        for doc in self.rows(data_pass)[row]:
+            n = int(self.positions[doc]) + 1
+            toks = np.asarray(self.reader.get(doc, 0, n), dtype=np.int64)
+            msk = np.asarray(self.mask.get(doc, 0, n), dtype=np.float32)
+            x[at:at + n - 1], y[at:at + n - 1], m[at:at + n - 1] = toks[:-1], toks[1:], msk[1:]
+            start[at] = True
+            at += n - 1
+        if at < L:
+            start[at] = True  # the padding is a document of its own (nothing trains on it)
+        return x, y, m, np.int64(at), start
 
 
 class StepSamples(Dataset):
@@ -149,7 +235,8 @@ def _need_pair(prefix: str, what: str) -> None:
                             "(without .bin/.idx) of data made with make_data.py")
 
 
-def open_sampler(data_file: str, data_type: str, ctx_len: int, seed: int, magic_prime: int = 0):
+def open_sampler(data_file: str, data_type: str, ctx_len: int, seed: int, magic_prime: int = 0,
+                 sft_pack: bool = False):
     """Open the memory-mapped data and return the sampler function g -> sample."""
     from ..data.binidx import MMapIndexedDataset, load_masks, split_prefix
 
@@ -161,10 +248,36 @@ def open_sampler(data_file: str, data_type: str, ctx_len: int, seed: int, magic_
         if masks is None:
             raise UserError(f"--data_type sft needs the loss-mask files {data_file}.mask.bin/.idx next to the data; "
                             "make them with make_data.py (sft mode) or use --data_type binidx")
-        return SFTDocuments(reader, masks, ctx_len, seed)
+        return (PackedSFTDocuments if sft_pack else SFTDocuments)(reader, masks, ctx_len, seed)
     if int(reader.tokens.shape[0]) < ctx_len + 1:
         raise UserError(f"{data_file}.bin holds {int(reader.tokens.shape[0])} tokens, fewer than ctx_len + 1 = "
                         f"{ctx_len + 1}; use a smaller --ctx_len or more data")
     if magic_prime:
         return MagicPrimeWindows(reader, ctx_len, magic_prime)
     return RandomWindows(reader, ctx_len, seed)
+
+
+def check_data_prefix(data_file: str) -> None:
+    """A folder given as --data_file gets its own sentence (not "PREFIX.bin does not exist")."""
+    if os.path.isdir(data_file):
+        raise UserError(f"--data_file {data_file} is a folder; give the binidx prefix of the data in it "
+                        "(PREFIX for PREFIX.bin / PREFIX.idx)")
+
+
+def check_token_ids(data_file: str, vocab_size: int) -> None:
+    """Refuse data holding ids the model has no embedding for (an IndexError mid-run otherwise, or
+    silent training when the bad document is sampled late): all of the .bin is checked, once."""
+    from ..data.binidx import MMapIndexedDataset, split_prefix, token_id_range
+
+    prefix = split_prefix(data_file)
+    ds = MMapIndexedDataset(prefix)
+    if ds.dtype.kind == "f":
+        raise UserError(f"{prefix}.bin holds {ds.dtype.name} numbers, not token ids; "
+                        "rebuild it with make_data.py")
+    lo, hi = token_id_range(ds)
+    if lo < 0:
+        raise UserError(f"{prefix}.bin holds the negative token id {lo}; the file is corrupt, rebuild it with make_data.py")
+    if hi >= vocab_size:
+        raise UserError(f"{prefix}.bin holds token id {hi} but the model's vocabulary has {vocab_size} ids "
+                        f"(0..{vocab_size - 1}); tokenise the data with the model's tokenizer "
+                        "(make_data.py --tokenizer) or train a model with a larger vocabulary")

@@ -9,8 +9,10 @@ Precision (--precision):
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -24,18 +26,25 @@ from .callbacks import RunRecorder, epoch_file, write_run_settings
 from .strategy import DEEPSPEED_STAGES, build_strategy, is_deepspeed, resolve_accelerator
 
 
-def model_config(args: argparse.Namespace):
-    """RWKV6Config from --load_model's shapes, or from --model_preset / explicit dims."""
+def load_base(args: argparse.Namespace):
+    """(RWKV6Config, validated --load_model state dict or None): the checkpoint is read once, and
+    both the config and the model are built from that one (memory-mapped) state dict."""
     from ..config import RWKV6Config
 
     if args.load_model:
         from ..checkpoint import load_state_dict
 
-        return RWKV6Config.from_state_dict(load_state_dict(args.load_model))
+        sd = load_state_dict(args.load_model)
+        return RWKV6Config.from_state_dict(sd), sd
     overrides = {"vocab_size": args.vocab_size} if args.vocab_size else {}
     if args.model_preset:
-        return RWKV6Config.preset(args.model_preset, **overrides)
-    return RWKV6Config(n_layer=args.n_layer, n_embd=args.n_embd, vocab_size=args.vocab_size or 65536)
+        return RWKV6Config.preset(args.model_preset, **overrides), None
+    return RWKV6Config(n_layer=args.n_layer, n_embd=args.n_embd, vocab_size=args.vocab_size or 65536), None
+
+
+def model_config(args: argparse.Namespace):
+    """RWKV6Config from --load_model's shapes, or from --model_preset / explicit dims."""
+    return load_base(args)[0]
 
 
 def describe(config) -> str:
@@ -62,7 +71,8 @@ def dry_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_model(args: argparse.Namespace, config, bf16: bool) -> torch.nn.Module:
+def build_model(args: argparse.Namespace, config, bf16: bool, base_sd: dict | None = None) -> torch.nn.Module:
+    """The model to train; `base_sd` is --load_model's state dict when already read (load_base)."""
     from ..model import RWKV6
     from ..peft import apply_peft, mark_trainable
 
@@ -74,7 +84,9 @@ def build_model(args: argparse.Namespace, config, bf16: bool) -> torch.nn.Module
     else:
         # A bf16 base is never copied to fp32 as a whole (PiSSA/OLoRA factorise one layer at a time
         # in fp32 and write W_res back in bf16), so host memory stays at 2 bytes per weight.
-        model = RWKV6.from_checkpoint(args.load_model, dtype=torch.bfloat16 if bf16 else torch.float32)
+        if base_sd is None:
+            base_sd = load_base(args)[1]
+        model = RWKV6.from_state_dict(base_sd, dtype=torch.bfloat16 if bf16 else torch.float32)
         if args.peft == "none":
             for p in model.parameters():
                 p.requires_grad_(True)
@@ -118,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def fit_run(tr: TrainRun) -> int:
+    """Fit; 1 when the loss stops being finite, 130 on Ctrl-C (naming the state to --resume from)."""
     from .module import NonFiniteLoss
 
     try:
@@ -125,10 +138,36 @@ def fit_run(tr: TrainRun) -> int:
     except NonFiniteLoss as e:
         print(f"error: {e}", flush=True)
         return 1
+    except SystemExit:  # Lightning turns Ctrl-C into sys.exit(1) after its graceful shutdown
+        if not tr.recorder.interrupted:
+            raise
+        if _env_rank_zero():
+            print(tr.recorder.interrupted_message(), file=sys.stderr, flush=True)
+        return 130
     if tr.trainer.is_global_zero and tr.recorder.saved_epochs:
         name = epoch_file(max(tr.recorder.saved_epochs), getattr(tr.args, "adapter_format", "ours"))
         print(f"saved {os.path.join(tr.args.proj_dir, name)}")
     return 0
+
+
+def quiet_lightning() -> None:
+    """Lightning's start-up lines (GPU/TPU available, the LitLogger/litmodels "Tip", "initializing
+    (deepspeed) distributed", "`Trainer.fit` stopped") are info-level logs; warnings and errors still show."""
+    for name in ("pytorch_lightning", "lightning_fabric", "lightning",
+                 "pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def prepare_proj_dir(proj_dir: str) -> None:
+    """Create --proj_dir, or refuse one that is a file / cannot be created or written."""
+    if os.path.exists(proj_dir) and not os.path.isdir(proj_dir):
+        raise UserError(f"--proj_dir {proj_dir} is an existing file, not a folder; choose another --proj_dir")
+    try:
+        os.makedirs(proj_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --proj_dir {proj_dir} ({e.strerror}); choose another folder") from None
+    if not os.access(proj_dir, os.W_OK):
+        raise UserError(f"--proj_dir {proj_dir} is not writable; choose another folder")
 
 
 def remove_stale_temporaries(proj_dir: str) -> None:
@@ -143,10 +182,11 @@ def build_run(args: argparse.Namespace) -> TrainRun | None:
     resumed run has nothing left to do."""
     import pytorch_lightning as pl
 
-    from .data import open_sampler
+    from .data import check_data_prefix, check_token_ids, open_sampler
     from .module import RWKVTrainModule
 
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    quiet_lightning()
 
     accelerator = resolve_accelerator(args.accelerator)
     if accelerator == "gpu" and not torch.cuda.is_available():
@@ -159,10 +199,13 @@ def build_run(args: argparse.Namespace) -> TrainRun | None:
     if args.my_exit_tokens:
         total_steps = min(total_steps, math.ceil(args.my_exit_tokens / tokens_per_step))
 
-    sampler = open_sampler(args.data_file, args.data_type, args.ctx_len, args.random_seed, args.magic_prime)
-    os.makedirs(args.proj_dir, exist_ok=True)
-    if not os.access(args.proj_dir, os.W_OK):
-        raise UserError(f"--proj_dir {args.proj_dir} is not writable; choose another folder")
+    # Everything that can be refused is refused before the first file is written.
+    check_data_prefix(args.data_file)
+    sampler = open_sampler(args.data_file, args.data_type, args.ctx_len, args.random_seed, args.magic_prime,
+                           sft_pack=bool(getattr(args, "sft_pack", False)))
+    config, base_sd = load_base(args)
+    check_token_ids(args.data_file, config.vocab_size)
+    prepare_proj_dir(args.proj_dir)
 
     resume_info = None
     start_step = 0
@@ -177,8 +220,8 @@ def build_run(args: argparse.Namespace) -> TrainRun | None:
             print(f"the run in {args.proj_dir} already finished all {total_steps} steps; nothing to do")
             return None
 
-    config = model_config(args)
-    model = build_model(args, config, bf16)
+    model = build_model(args, config, bf16, base_sd)
+    del base_sd  # the model holds what it needs; drop the rest of the mapping
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer_state = None
     if resume_info is not None and resume_info["kind"] == "plain":
@@ -206,6 +249,11 @@ def build_run(args: argparse.Namespace) -> TrainRun | None:
                            deepspeed_on=deepspeed_on, full_model=args.peft == "none", run_name=run_name,
                            resume_info=resume_info, full_dtype=torch.bfloat16 if bf16 else torch.float32)
     recorder.init_factors = ck.init_factor_buffers(model)
+    callbacks: list = [recorder]
+    if args.valid_data:
+        from .validate import Validator
+
+        callbacks.insert(0, Validator(args, total_steps))  # before the recorder, which writes its numbers
     trainer = pl.Trainer(
         accelerator=accelerator,
         devices=args.devices,
@@ -222,6 +270,6 @@ def build_run(args: argparse.Namespace) -> TrainRun | None:
         enable_model_summary=False,
         use_distributed_sampler=False,
         num_sanity_val_steps=0,
-        callbacks=[recorder],
+        callbacks=callbacks,
     )
     return TrainRun(trainer, module, recorder, args)

@@ -4,8 +4,11 @@
 
 Paths: `wkv6_reference` (per-token loop, the source of truth), `wkv6_chunked` (chunked
 matmul form in PyTorch, exact for any decay; CPU and fallback), `wkv6_cuda` (the CUDA kernel, used
-for CUDA tensors of head size 64 in float32 / bfloat16 / float16 when the extension builds).
+for CUDA tensors of head size 64 in float32 / bfloat16 / float16 when the extension builds and
+passes its first-use self-check against the chunked path, selfcheck.py).
 All are differentiable in every input, the initial state included.
+`doc_start` (B, T) bool (packed documents) zeroes the state before each marked token: natively in
+the chunked path, through a zero decay at the marked token for the kernel (resets.py).
 """
 from __future__ import annotations
 
@@ -16,8 +19,11 @@ from ..errors import UserError
 from .chunked import wkv6_chunked
 from .cuda import HEAD_SIZE, KERNEL_DTYPES, cuda_kernel_available, wkv6_cuda
 from .reference import wkv6_reference
+from .resets import wkv6_with_doc_starts
+from .selfcheck import kernel_trusted
 
-__all__ = ["wkv6", "wkv6_reference", "wkv6_chunked", "wkv6_cuda", "WKVShapeError", "WKVTypeError"]
+__all__ = ["wkv6", "wkv6_reference", "wkv6_chunked", "wkv6_cuda", "wkv6_with_doc_starts",
+           "WKVShapeError", "WKVTypeError"]
 
 
 class WKVShapeError(UserError, ValueError):
@@ -30,6 +36,17 @@ class WKVTypeError(UserError, TypeError):
 
 def _shape(x: Tensor) -> str:
     return "(" + ", ".join(str(d) for d in x.shape) + ")"
+
+
+def _check_doc_start(r: Tensor, doc_start) -> None:
+    if not isinstance(doc_start, Tensor) or doc_start.dtype != torch.bool:
+        raise WKVTypeError("wkv6: doc_start must be a torch.bool tensor (True at each document's first token).")
+    if doc_start.shape != r.shape[:2]:
+        raise WKVShapeError(f"wkv6: doc_start has shape {_shape(doc_start)}, expected (B, T) = "
+                            f"({r.shape[0]}, {r.shape[1]}).")
+    if doc_start.device != r.device:
+        raise WKVShapeError(f"wkv6: doc_start is on {doc_start.device} but r is on {r.device}; put all "
+                            "inputs on one device.")
 
 
 def _check(r, k, v, w, u, state) -> None:
@@ -71,8 +88,20 @@ def _check(r, k, v, w, u, state) -> None:
             )
 
 
+def _kernel_applies(r: Tensor, w: Tensor, u: Tensor, state: Tensor | None) -> bool:
+    """Inputs the CUDA kernel takes, where it builds."""
+    return (
+        r.is_cuda
+        and r.dtype in KERNEL_DTYPES
+        and r.shape[-1] == HEAD_SIZE
+        and all(x is None or x.dtype != torch.float64 for x in (w, u, state))
+        and cuda_kernel_available(HEAD_SIZE)
+    )
+
+
 def wkv6(
-    r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor | None = None
+    r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor | None = None,
+    doc_start: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """WKV6 over a whole sequence.
 
@@ -82,14 +111,14 @@ def wkv6(
     float32. Returns y (B, T, H, N) in r's dtype and the final state (B, H, N, N) in float32
     (float64 when any input is float64). Raises WKVShapeError / WKVTypeError (a UserError and a
     ValueError / TypeError) with one sentence naming the bad argument.
+    doc_start: (B, T) bool or None; the state is zero before every marked token (a document's
+    first token), as if each document ran alone.
     """
     _check(r, k, v, w, u, state)
-    if (
-        r.is_cuda
-        and r.dtype in KERNEL_DTYPES
-        and r.shape[-1] == HEAD_SIZE
-        and all(x is None or x.dtype != torch.float64 for x in (w, u, state))
-        and cuda_kernel_available(HEAD_SIZE)
-    ):
+    if doc_start is not None:
+        _check_doc_start(r, doc_start)
+    if _kernel_applies(r, w, u, state) and kernel_trusted(wkv6_cuda, r.device, r.dtype, r.shape[-1]):
+        if doc_start is not None:
+            return wkv6_with_doc_starts(wkv6_cuda, r, k, v, w, u, state, doc_start)
         return wkv6_cuda(r, k, v, w, u, state)
-    return wkv6_chunked(r, k, v, w, u, state)
+    return wkv6_chunked(r, k, v, w, u, state, doc_start=doc_start)

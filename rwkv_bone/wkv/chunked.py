@@ -28,6 +28,16 @@ Backward (hand-written; P, the chunk-entry states and the decay factors are save
 and the decay gradient follows from dL/dA and dL/dAx by reverse cumulative sums,
     dL/dlw_t = sum_{t'>=t} dL/dA_t' + sum_{t'>t} dL/dAx_t',     dL/dw = dL/dlw * lw.
 Computation runs in float32 for half-precision inputs (float64 stays float64).
+
+Document starts (packed samples, `doc_start` (B, T) bool: the state is zero before each marked
+token): the sequence is re-laid out so that every document begins on a chunk boundary (each
+document is followed by zero-padding, k = v = 0 and lw = 0, up to a multiple of L; the padding
+leaves the state unchanged). A reset then only ever happens between chunks, and the scan drops the
+incoming state there: with keep_c = 0 for a chunk c that starts a document,
+    S_all[c] = keep_c (exp(A_L) S_all[c-1] + (k exp(A_L - A))^T V),
+i.e. the factors exp(A_L) and exp(A_L - A) of chunk c-1 are multiplied by keep_c (exact zeros,
+so nothing of the previous document leaks, and the backward follows unchanged). Inside a chunk
+every document is computed exactly as it would be alone (same chunk boundaries).
 """
 from __future__ import annotations
 
@@ -65,7 +75,9 @@ def _from_chunks(x: Tensor, T: int) -> Tensor:
 class _Chunks:
     """Cumulative log-decays of each chunk and the factors built from them."""
 
-    def __init__(self, lw: Tensor, strong_limit: float):
+    def __init__(self, lw: Tensor, strong_limit: float, carry: Tensor | None = None):
+        """carry: (nc, B) 0/1, 0 where the state leaving chunk c is dropped (a document starts
+        at chunk c + 1); None = always carried."""
         nc, B, H, L, N = lw.shape
         self.A = lw.cumsum(-2)  # (nc, B, H, L, N) inclusive
         # Exclusive cumsum by shifting (exact, so Ax_t <= A_s holds bit for bit for s < t).
@@ -74,6 +86,10 @@ class _Chunks:
         self.r_decay = self.Ax.exp()  # exp(Ax_t): chunk start to r_t
         self.k_decay = (A_end - self.A).exp_()  # exp(A_L - A_s): k_s to the chunk end
         self.end_decay = A_end.exp().transpose(-1, -2)  # (nc, B, H, N, 1) whole chunk
+        if carry is not None:  # exact zeros where the next chunk starts a document
+            keep = carry.to(lw.dtype).view(nc, B, 1, 1, 1)
+            self.k_decay.mul_(keep)
+            self.end_decay.mul_(keep)
         strong = A_end < -strong_limit  # (nc, B, H, 1, N)
         # Weak channels: k exp(-A) with -A <= strong_limit; strong ones get 0 (never exp(+big)).
         if strong.any():
@@ -179,13 +195,13 @@ class WKV6Chunked(torch.autograd.Function):
     """Autograd Function on compute-dtype tensors in (B, T, H, N) layout (see module docstring)."""
 
     @staticmethod
-    def forward(ctx, r, k, v, w, u, s0, chunk: int, strong_limit: float):
+    def forward(ctx, r, k, v, w, u, s0, chunk: int, strong_limit: float, carry=None):
         B, T, H, N = r.shape
         L = max(1, min(chunk, T))
         nc = -(-T // L)
         lw = torch.exp(w).neg_()  # (B, T, H, N) log-decay; padding: lw = 0 (decay 1), k = v = 0
         rc, kc, vc, lwc = (_to_chunks(x, nc, L) for x in (r, k, v, lw))
-        ch = _Chunks(lwc, strong_limit)
+        ch = _Chunks(lwc, strong_limit, carry)
         yc, P, S_all = _forward(rc, kc, vc, u, ch, s0)
         ctx.save_for_backward(rc, kc, vc, lw, u, P, S_all)
         ctx.T, ctx.chunks = T, ch  # the decay factors are reused by the backward
@@ -203,12 +219,55 @@ class WKV6Chunked(torch.autograd.Function):
         T = ctx.T
         gw = _from_chunks(glw, T).mul_(lw)
         return (_from_chunks(gr, T), _from_chunks(gk, T), _from_chunks(gv, T), gw, gu, g_state,
-                None, None)
+                None, None, None)
+
+
+def _doc_layout(doc_start: Tensor, L: int) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Where each token goes when every document is padded to a multiple of L.
+
+    doc_start (B, T) bool. Returns pos (B, T) new position of each token, src (B, Tp) the token
+    at each new position (T = padding), carry (nc, B) 0/1 (0: chunk c + 1 starts a document), and
+    Tp (a multiple of L)."""
+    B, T = doc_start.shape
+    dev = doc_start.device
+    t = torch.arange(T, device=dev).expand(B, T)
+    # Segment of each token (the part before the first marked token, if any, is segment 0).
+    seg = doc_start.long().cumsum(1) - doc_start[:, :1].long()  # (B, T)
+    start = torch.where(doc_start, t, torch.zeros_like(t)).cummax(1).values  # its segment's start
+    lens = torch.zeros(B, T, dtype=torch.long, device=dev).scatter_add_(1, seg, torch.ones_like(seg))
+    padded = (lens + L - 1) // L * L  # (B, T) per segment
+    seg_pos = padded.cumsum(1) - padded  # new start of each segment
+    pos = seg_pos.gather(1, seg) + (t - start)
+    Tp = max(L, int(padded.sum(1).max()))
+    src = torch.full((B, Tp), T, dtype=torch.long, device=dev).scatter_(1, pos, t.contiguous())
+    nc = Tp // L
+    starts = torch.zeros(B, nc + 1, dtype=torch.bool, device=dev)  # column nc: unmarked tokens
+    starts.scatter_(1, torch.where(doc_start, pos // L, nc), True)
+    carry = (~starts[:, 1:nc]).T  # (nc - 1, B): whether the state leaving chunk c enters c + 1
+    carry = torch.cat([carry, carry.new_ones(1, B)]).contiguous()  # the last chunk's is the final
+    return pos, src, carry, Tp
+
+
+def _with_doc_starts(r, k, v, w, u, s0, doc_start, L, strong_limit):
+    """Chunked WKV6 with the state zeroed before each marked token (module docstring)."""
+    B, T, H, N = r.shape
+    pos, src, carry, Tp = _doc_layout(doc_start, L)
+    rows = torch.arange(B, device=r.device)[:, None]  # (B, 1)
+
+    def relayout(x: Tensor, fill: float) -> Tensor:  # (B, T, H, N) -> (B, Tp, H, N)
+        return torch.cat([x, x.new_full((B, 1, H, N), fill)], 1)[rows, src]
+
+    # Padding: k = v = 0 and w = -inf (lw = -exp(w) = 0: decay exactly 1), so it changes nothing.
+    rp, kp, vp = (relayout(x, 0.0) for x in (r, k, v))
+    wp = relayout(w, float("-inf"))
+    s0 = s0 * (~doc_start[:, 0]).to(s0.dtype).view(B, 1, 1, 1)  # a document at t = 0 starts clean
+    yp, S = WKV6Chunked.apply(rp, kp, vp, wp, u, s0, L, strong_limit, carry.to(r.dtype))
+    return yp[rows, pos], S
 
 
 def wkv6_chunked(
     r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor | None = None,
-    chunk: int = CHUNK, strong_limit: float = STRONG,
+    chunk: int = CHUNK, strong_limit: float = STRONG, doc_start: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Chunked WKV6 without argument checks (use `rwkv_bone.wkv.wkv6`).
 
@@ -216,12 +275,18 @@ def wkv6_chunked(
     final state in the compute dtype (float32, or float64 when any input is float64).
     `strong_limit` (keep exp(strong_limit) far below the float32 maximum) only moves work between
     the factored and the explicit intra-chunk form; the result is the same.
+    doc_start (B, T) bool: the state is zero before each marked token (packed documents).
     """
     B, T, H, N = r.shape
     dt = compute_dtype(r, k, v, w, u, state)
     s0 = r.new_zeros(B, H, N, N, dtype=dt) if state is None else state.to(dt)
     if T == 0:
         return r.new_zeros(B, 0, H, N), s0.clone()
+    if doc_start is not None:
+        with torch.autocast(device_type=r.device.type, enabled=False):
+            y, S = _with_doc_starts(r.to(dt), k.to(dt), v.to(dt), w.to(dt), u.to(dt), s0, doc_start,
+                                    max(1, min(chunk, T)), strong_limit)
+        return y.to(r.dtype), S
     # The algorithm chooses its own precision; an enclosing autocast must not recast its matmuls.
     with torch.autocast(device_type=r.device.type, enabled=False):
         y, S = WKV6Chunked.apply(

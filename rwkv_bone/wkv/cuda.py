@@ -19,8 +19,21 @@ import torch
 from torch import Tensor
 
 HEAD_SIZE = 64
-SOURCE_DIR = Path(__file__).resolve().parents[2] / "cuda"
-SOURCES = (SOURCE_DIR / "wkv6_op.cpp", SOURCE_DIR / "wkv6_cuda.cu")
+SOURCE_NAMES = ("wkv6_op.cpp", "wkv6_cuda.cu")
+
+
+def source_dir() -> Path:
+    """Where the kernel sources are: the copy an installed wheel carries (setup.py puts cuda/ in
+    rwkv_bone/wkv/cuda_src/), else the source checkout's top-level cuda/."""
+    here = Path(__file__).resolve().parent
+    for d in (here / "cuda_src", here.parents[1] / "cuda"):
+        if all((d / n).is_file() for n in SOURCE_NAMES):
+            return d
+    return here.parents[1] / "cuda"  # the build then names the missing file
+
+
+SOURCE_DIR = source_dir()
+SOURCES = tuple(SOURCE_DIR / n for n in SOURCE_NAMES)
 NVCC_FLAGS = ["-O3", "--use_fast_math", "-Xptxas", "-O3", "--extra-device-vectorization"]
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

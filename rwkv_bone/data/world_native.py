@@ -1,0 +1,126 @@
+"""The World vocab encoded by pyrwkv-tokenizer (Rust), checked against our reference at start.
+
+pyrwkv-tokenizer implements the same greedy longest byte match as `WorldVocab.encode_reference`
+(see tokenizer.py) in Rust, several times faster than our Python encoder. It is a separate
+implementation, so `NativeWorldTokenizer.create` accepts it only after two checks, both against
+our own reading of the same vocab file:
+
+1. the table: every vocab token whose bytes are valid UTF-8 (65043 of 65529 in the World vocab)
+   encodes, on its own, to its id (later ids win for duplicates, as in the official tokenizer);
+   a lone token is its own longest match, so this compares the whole str-reachable table (~0.1 s);
+2. the algorithm: `probe_text()`, a text covering every byte class (ASCII with every control and
+   printable character, whitespace runs, Latin/Greek/Cyrillic/Arabic/Indic, CJK, kana, Hangul,
+   emoji with modifiers and ZWJ, rare code points at every UTF-8 length boundary, noncharacters,
+   code), encodes to the ids of the literal reference. The tokens that are not valid UTF-8 on
+   their own (fragments of multi-byte characters) are reached only here, inside whole characters.
+
+Any difference (or pyrwkv-tokenizer missing or failing) returns None with the reason, and the
+caller falls back to the Python WorldTokenizer. make_data decodes its input as UTF-8 before
+encoding, so the encoder only ever sees valid UTF-8: invalid bytes are rejected earlier, with the
+line number, and an unpaired surrogate raises UnicodeEncodeError here as in the Python encoder.
+"""
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+from .tokenizer import WorldVocab, world_vocab
+
+
+def probe_text() -> str:
+    """A fixed (seeded) text of ~20 kB touching every byte class the World vocab distinguishes."""
+    rng = random.Random(13)
+    parts = [
+        "".join(map(chr, range(0, 128))),  # every ASCII byte, controls and DEL included
+        "The Eiffel tower is in the city of Paris. It's 330 m tall; isn't it? (Yes!) [1] {a: b}",
+        " " * 1 + "x" + " " * 2 + "x" + " " * 7 + "x" + " " * 33 + "x" + " " * 129 + "end",
+        "\t" * 9 + "\n" * 5 + "\r\n" * 4 + " \t \n \r " + "\n\n\n  \n\t\n" + "\u00a0\u2003\u3000",
+        "=" * 300 + "-" * 77 + "#" * 64 + "*" * 31 + "~~~" + "." * 500 + "_" * 99,
+        "Straße café naïve façade Ærø Ångström œuvre İstanbul — “quotes” ‘single’ … «» ¿¡ ©®™ °±µ",
+        "привет мир, Ελληνικά κείμενα, עברית, العربية, हिन्दी भाषा, ภาษาไทย, ქართული, Հայերեն",
+        "中文测试：北京是中国的首都。我们在学习机器学习和自然语言处理。的一是不了人我在有他这",
+        "日本語のテキスト、ひらがな、カタカナ、漢字。한국어 문장입니다. 안녕하세요!",
+        "😀🎉👍🏽❤️🚀 👨‍👩‍👧‍👦 🇫🇷🇯🇵 🏳️‍🌈 ✋🏿 1️⃣ ☕ ♻️ 🧑‍💻",
+        "\u200b\u200c\u200d\ufeff\u00ad\u0301e\u0301\u0338\u20dd\ufffd\ufffe\uffff\ue000\uf8ff",
+        "\u0080\u07ff\u0800\uffff\U00010000\U0010ffff\U0001f600\U000e0001\U0001d11e\U00020000",
+        "def f(x, y=3):\n    return {'a': [x ** 2, y]}  # comment\n\tif x != y: pass\r\n",
+        "int main(void) { printf(\"%d\\n\", a[i] << 2 | 0xFF); return 0; }\n",
+        '<div class="x">&amp; &lt;</div> {"key": [1, 2.5e-3, null, true]} SELECT * FROM t;',
+        "1234567890 3.14159 1e-9 0xFF 2024-06-01T12:00:00Z 192.168.0.1 $100,000.00 50% #3",
+    ]
+    # Every code point of each UTF-8 length class in a sample, and seeded random mixtures.
+    parts.append("".join(map(chr, range(0x80, 0x800, 3))))
+    parts.append("".join(chr(c) for c in range(0x800, 0xD800, 97)))
+    parts.append("".join(chr(c) for c in range(0xE000, 0x10000, 89)))
+    parts.append("".join(chr(c) for c in range(0x10000, 0x110000, 4099)))
+    pools = ["abcdefghij ", "   \n\t", ".,;:!?'\"()[]{}", "的一是不了人我在有他这", "😀🎉🚀",
+             "αβγδ", "0123456789", "àéîõü", "\x00\x01\x1b\x7f"]
+    for _ in range(40):
+        parts.append("".join(rng.choice(rng.choice(pools)) for _ in range(rng.randint(1, 200))))
+    return "\n".join(parts)
+
+
+class NativeWorldTokenizer:
+    """World vocab: encode with pyrwkv-tokenizer, decode with our table. Build with `create`."""
+
+    def __init__(self, vocab: WorldVocab, native) -> None:
+        self.vocab_path = vocab.path
+        self.vocab_size = len(vocab.id_to_bytes)
+        self._vocab = vocab
+        self._native = native  # pyrwkv_tokenizer.RWKVTokenizer on the same vocab file
+
+    @classmethod
+    def create(cls, vocab_path: str | None = None) -> tuple[NativeWorldTokenizer | None, str]:
+        """(tokenizer, "") when pyrwkv-tokenizer gives our ids on the checks, else (None, reason)."""
+        try:
+            import pyrwkv_tokenizer
+        except ImportError:
+            return None, "pyrwkv-tokenizer is not installed"
+        vocab = world_vocab(vocab_path)
+        try:
+            tok = cls(vocab, pyrwkv_tokenizer.RWKVTokenizer(vocab_filepath=vocab.path))
+            why = tok._check()
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # pyo3 panics derive from BaseException
+            return None, f"pyrwkv-tokenizer failed on the start-up check ({type(e).__name__}: {e})"
+        return (None, why) if why else (tok, "")
+
+    def _check(self) -> str:
+        """'' when the native ids equal the reference on the table and the probe, else why not."""
+        encode = self._native.encode
+        for tid, tok in enumerate(self._vocab.id_to_bytes):
+            try:
+                text = tok.decode("utf-8")
+            except UnicodeDecodeError:
+                continue  # a fragment of a character: reached through the probe instead
+            if text and encode(text) != [self._vocab.bytes_to_id[tok]]:
+                return f"pyrwkv-tokenizer encodes vocab token {tid} ({text!r}) differently"
+        data = probe_text().encode("utf-8")
+        want, got = self._vocab.encode_reference(data), encode(data.decode("utf-8"))
+        if got != want:
+            at = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
+            return f"pyrwkv-tokenizer's ids differ from the reference on the probe text at token {at}"
+        return ""
+
+    def __getstate__(self) -> dict:  # spawned workers rebuild it (the parent ran the checks)
+        return {"vocab_path": self.vocab_path}
+
+    def __setstate__(self, state: dict) -> None:
+        import pyrwkv_tokenizer
+
+        vocab = world_vocab(state["vocab_path"])
+        self.__init__(vocab, pyrwkv_tokenizer.RWKVTokenizer(vocab_filepath=vocab.path))
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` (greedy longest match over its UTF-8 bytes). No end-of-document id."""
+        return self._native.encode(text)
+
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        try:
+            return b"".join([self._vocab.id_to_bytes[i] for i in ids])
+        except (IndexError, TypeError):
+            raise ValueError(f"token ids outside the World vocab (0..{self.vocab_size - 1})") from None
+
+    def decode(self, ids: Sequence[int], errors: str = "replace") -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors=errors)
