@@ -202,9 +202,16 @@ class RunRecorder(pl.Callback):
             self.pending_state = (step, epoch_loss)
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module, loss) -> None:
-        if self.pending_state is not None:  # this loss is finite (NonFiniteLoss is raised before)
-            step, epoch_loss = self.pending_state
-            self.pending_state = None
+        if self.pending_state is None:
+            return
+        step, epoch_loss = self.pending_state
+        self.pending_state = None
+        # One host sync, only on the step after a save: the module checks finiteness later (once
+        # per optimizer step), but the state of step k must not be written if this loss is not.
+        bad = (~torch.isfinite(loss.detach())).float()
+        if trainer.world_size > 1:  # every rank decides alike (saving is collective under ZeRO)
+            bad = trainer.strategy.reduce(bad, reduce_op="sum")
+        if bad.item() == 0:
             self.write_state(trainer, pl_module, step, epoch_loss)
 
     def write_state(self, trainer, pl_module, step: int, epoch_loss: tuple[float, int]) -> None:
