@@ -12,6 +12,8 @@ from typing import Sequence
 from ..errors import UserError
 
 PEFT_METHODS = ("none", "bone", "lora", "pissa", "olora")
+TRAIN_TYPES = ("none", "infctx")
+QUANT_TYPES = ("none", "nf4", "fp4", "int8")
 BONE_MODES = ("row", "col", "ab")
 TRAIN_PARTS = ("time", "ln", "emb", "head")
 LR_SCHEDULES = ("constant", "linear", "cosine", "exp")
@@ -60,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ctx_len", type=int, default=512, help="tokens per sample")
     g.add_argument("--magic_prime", type=int, default=0,
                    help="binidx only: visit every ctx_len chunk once (p prime, p %% 3 == 2, p <= tokens//ctx_len - 1)")
+    g.add_argument("--train_type", default="none", choices=TRAIN_TYPES,
+                   help="infctx: run each ctx_len sample in chunks of --chunk_ctx tokens carrying the state "
+                        "(exact gradients, memory of one chunk); none: the whole sample at once")
+    g.add_argument("--chunk_ctx", type=int, default=512, help="tokens per chunk with --train_type infctx")
     g.add_argument("--my_exit_tokens", type=int, default=0, help="stop after this many training tokens (0 = off)")
 
     g = p.add_argument_group("schedule")
@@ -100,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora_dropout", type=float, default=0.0, help="LoRA dropout")
     g.add_argument("--pissa_r", type=int, default=None, help="PiSSA rank (default --lora_r)")
     g.add_argument("--svd_niter", type=int, default=4, help="PiSSA fast-SVD iterations")
+    g.add_argument("--quant", default="none", choices=QUANT_TYPES,
+                   help="store the frozen att/ffn linears quantised (bitsandbytes): nf4 / fp4 (4-bit, blocks "
+                        "of 64) or int8 (per output row); adapters, emb, head, norms and time_* stay unquantised")
     g.add_argument("--train_parts", default="",
                    help="extra parts to train besides the adapter, comma separated: time, ln, emb, head")
 
@@ -167,7 +176,7 @@ def method_label(args: argparse.Namespace) -> str:
 def validate(args: argparse.Namespace) -> None:
     """Flag combinations that can never work; each raises one UserError sentence."""
     positive = ["ctx_len", "micro_bsz", "accumulate_grad_batches", "epoch_steps", "epoch_count", "epoch_save",
-                "devices", "num_nodes", "bone_b", "lora_r", "svd_niter"]
+                "devices", "num_nodes", "bone_b", "lora_r", "svd_niter", "chunk_ctx"]
     for name in positive:
         if getattr(args, name) <= 0:
             raise UserError(f"--{name} must be a positive integer, got {getattr(args, name)}")
@@ -217,6 +226,9 @@ def validate(args: argparse.Namespace) -> None:
         if from_scratch(args) and args.peft != "none":
             raise UserError(f'--load_model "" trains a new model from scratch, where every weight trains: '
                             f"use --peft none (adapters such as --peft {args.peft} need a pre-trained --load_model)")
+    if args.quant != "none" and args.peft == "none":
+        raise UserError(f"--quant {args.quant} stores the frozen base quantised, but with --peft none every "
+                        "weight trains; use an adapter (e.g. --peft bone) with --quant, or drop --quant")
     if args.peft == "none" and args.train_parts and not from_scratch(args):
         raise UserError("--train_parts only adds parts to an adapter; with --peft none every weight trains already")
 
