@@ -51,7 +51,7 @@ class QuantLinear(nn.Module):
     """A frozen y = x W^T (+ bias) whose W (out, in) is stored quantised (see the module docstring).
 
     Buffers (not parameters: nothing here trains): qweight (packed uint8 for 4-bit, (out, in) int8
-    for int8), absmax (fp32: per block, or per row for int8), bias (or None)."""
+    for int8), absmax_bits (the fp32 absmax per block, or per row for int8, as int32 bits), bias."""
 
     def __init__(self, weight: Tensor, quant: str, bias: Tensor | None = None):
         super().__init__()
@@ -77,14 +77,20 @@ class QuantLinear(nn.Module):
                                     f"{w.device.type} ({e}); choose another --quant") from e
                 absmax, self.code = st.absmax, st.code
         self.register_buffer("qweight", q)
-        self.register_buffer("absmax", absmax.float())
+        # The fp32 scales are kept as their int32 bit pattern: module.bfloat16() (DeepSpeed's bf16
+        # mode, Lightning precision plugins) casts floating buffers, never integer ones.
+        self.register_buffer("absmax_bits", absmax.float().contiguous().view(torch.int32))
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     # ---- the frozen weight, rebuilt on demand -------------------------------------------------
+    @property
+    def absmax(self) -> Tensor:
+        return self.absmax_bits.view(torch.float32)
+
     def _state(self, dtype: torch.dtype):
         from bitsandbytes.functional import QuantState
 
-        return QuantState(absmax=self.absmax.float(), shape=torch.Size((self.out_features, self.in_features)),
+        return QuantState(absmax=self.absmax, shape=torch.Size((self.out_features, self.in_features)),
                           code=self.code.to(self.qweight.device), blocksize=BLOCKSIZE,
                           quant_type=self.quant, dtype=dtype)
 
@@ -140,6 +146,20 @@ def quantize_frozen(model: nn.Module, quant: str) -> list[str]:
         layer.weight = None  # the Parameter is dropped: its memory is freed
         layer.bias = None
     return list(layers)
+
+
+def check_device_support(quant: str, device: torch.device | str) -> None:
+    """Quantise and use a tiny layer on `device`; one sentence if this bitsandbytes build cannot."""
+    try:
+        q = QuantLinear(torch.randn(8, BLOCKSIZE), quant).to(device)
+        q(torch.randn(2, BLOCKSIZE, device=device))
+    except UserError:
+        raise
+    except Exception as e:  # bitsandbytes raises various types for a missing backend
+        alt = "use --quant int8 (plain torch ops on any device)" if quant != "int8" else "drop --quant"
+        raise UserError(f"the installed bitsandbytes cannot run --quant {quant} on {torch.device(device).type} "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); {alt}, or install "
+                        "a bitsandbytes build for this device") from e
 
 
 def base_weight(layer: nn.Module) -> Tensor:

@@ -184,3 +184,26 @@ def test_quant_without_an_adapter_is_a_user_error(files):
 
     with pytest.raises(UserError, match="use an adapter"):
         parse_args(base_flags(files["ckpt"], files["data"], "x", peft="none", bone_b=None, quant="nf4"))
+
+
+def test_quantised_layer_survives_a_bf16_cast_of_the_module():
+    """DeepSpeed's bf16 mode calls module.bfloat16(): the quantisation scales must stay exact."""
+    lin = _linear()
+    q = QuantLinear(lin.weight, "nf4")
+    w = q.dequantize()
+    q.bfloat16()
+    torch.testing.assert_close(q.dequantize(), w, rtol=0, atol=0)
+
+
+def test_device_check_passes_on_cpu_and_names_the_alternative_when_it_fails(monkeypatch):
+    import rwkv_bone.quant as Q
+
+    for quant in QUANT_TYPES:
+        Q.check_device_support(quant, "cpu")
+
+    def broken(self, x):
+        raise RuntimeError("no kernel for this device")
+
+    monkeypatch.setattr(Q.QuantLinear, "matmul", broken)
+    with pytest.raises(UserError, match="cannot run --quant nf4 on cpu.*use --quant int8"):
+        Q.check_device_support("nf4", "cpu")

@@ -180,6 +180,10 @@ def build_run(args: argparse.Namespace) -> TrainRun | None:
             print(f"the run in {args.proj_dir} already finished all {total_steps} steps; nothing to do")
             return None
 
+    if args.quant != "none":
+        from ..quant import check_device_support
+
+        check_device_support(args.quant, "cuda" if accelerator == "gpu" else "cpu")
     config = model_config(args)
     model = build_model(args, config, bf16)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
