@@ -35,9 +35,11 @@ def _bone_model(ckpt: str, method: str = "bone"):
     return model
 
 
-@pytest.mark.parametrize("chunk, masked", [(7, True), (16, False)])  # ragged last chunk, even split
-def test_infctx_loss_and_gradients_equal_the_whole_sample(files, chunk, masked):
+# ragged last chunk; even split, with per-block checkpointing (--grad_cp 1) nested inside
+@pytest.mark.parametrize("chunk, masked, grad_cp", [(7, True, False), (16, False, True)])
+def test_infctx_loss_and_gradients_equal_the_whole_sample(files, chunk, masked, grad_cp):
     model = _bone_model(files["ckpt"])
+    model.grad_cp = grad_cp
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, 64, (2, 40), generator=g)
     y = torch.randint(0, 64, (2, 40), generator=g)
