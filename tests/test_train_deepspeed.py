@@ -102,3 +102,17 @@ def test_zero3_bf16_pissa_saves_full_fp32_tensors_and_exact_init_factors(files, 
     with open(os.path.join(uninterrupted, "metrics.csv"), newline="") as f:
         first_fp32 = float(next(csv.DictReader(f))["loss"])
     assert first_bf16 == pytest.approx(first_fp32, abs=0.05)  # same data, same start, bf16 rounding only
+
+
+def test_zero2_infctx_trains_the_same_adapter_as_whole_samples(files, uninterrupted):
+    proj = str(files["dir"] / "infctx")
+    r = train_cli(ds_flags(files, proj, train_type="infctx", chunk_ctx=5))  # ctx 16: chunks 5, 5, 5, 1
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    a = torch.load(os.path.join(uninterrupted, "rwkv-1.pth"), weights_only=True)
+    b = torch.load(os.path.join(proj, "rwkv-1.pth"), weights_only=True)
+    for k, v in a.items():
+        if isinstance(v, torch.Tensor):
+            # same math, other summation order; lr 1e-2 for 6 Adam steps amplifies fp32 rounding on
+            # near-zero gradients (the fp32 single-process test in test_infctx.py holds 1e-5)
+            # (element-wise up to 3.7e-4 seen on 1 of 1024 entries across runs: held by norm here)
+            assert (b[k] - v).norm() <= 1e-2 * v.norm(), k

@@ -30,8 +30,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
+from ..quant import base_weight
 from .fold import fold_into_linear
 
 BONE_MODES = ("row", "col", "ab")
@@ -138,6 +140,18 @@ class _ColAffine(torch.autograd.Function):
         return gx, gw, gb
 
 
+def _affine_on_base(base: nn.Module, x: torch.Tensor, a: torch.Tensor, bb: torch.Tensor | None) -> torch.Tensor:
+    """Bone-row (bb None) / Bone-AB through a frozen linear module `base` (a QuantLinear, which
+    supplies x W^T and g W itself): y = base(x~) + tile(s) in plain autograd; x (N, in)."""
+    N, n_in = x.shape
+    C, b, _ = a.shape
+    xv = x.view(N, C, b)
+    za = _blockwise(xv, a, True).transpose(0, 1)          # (N, C, b): x_c A_c^T
+    s = za.sum(1) if bb is None else x @ _cat_blocks(bb).t()  # (N, b)
+    y = base((xv + za).reshape(N, n_in))                  # the quantised layer on x~
+    return (y.view(N, -1, b) + s.unsqueeze(1)).view(N, -1)
+
+
 def bone_delta(weight: torch.Tensor, bone: torch.Tensor, mode: str = "row",
                bone_b: torch.Tensor | None = None) -> torch.Tensor:
     """The explicit delta (out, in) of one Bone adapter; differentiable, used to merge.
@@ -195,6 +209,17 @@ class BoneLinear(nn.Module):
         # Functions themselves then run with autocast off so backward sees matching dtypes.
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         x2 = x.reshape(-1, self.in_features).to(dt).contiguous()       # (N, in)
+        qbase = getattr(self, "qbase", None)      # a QuantLinear (rwkv_bone.quant) or None
+        if qbase is not None:
+            with torch.autocast(dev, enabled=False):
+                if self.mode == "col":            # needs W itself: rebuilt in backward, not kept
+                    col = lambda x_, b_: _ColAffine.apply(x_, qbase.dequantize(dt), b_)  # noqa: E731
+                    b2 = self.bone.to(dt)
+                    y = checkpoint(col, x2, b2, use_reentrant=False) if torch.is_grad_enabled() else col(x2, b2)
+                else:
+                    a, bb = (self.bone, None) if self.mode == "row" else (self.bone_a, self.bone_b)
+                    y = _affine_on_base(qbase, x2, a.to(dt), None if bb is None else bb.to(dt))
+            return y.view(*lead, self.out_features)
         w = self.weight.to(dt)
         with torch.autocast(dev, enabled=False):
             if self.mode == "row":
@@ -210,7 +235,7 @@ class BoneLinear(nn.Module):
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
         """delta (out, in) in float32."""
-        w = self.weight.float()
+        w = base_weight(self).float()
         if self.mode == "ab":
             return bone_delta(w, self.bone_a.float(), "ab", self.bone_b.float())
         return bone_delta(w, self.bone.float(), self.mode)

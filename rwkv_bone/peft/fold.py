@@ -9,8 +9,12 @@ from torch import nn
 def fold_into_linear(layer: nn.Module) -> nn.Linear:
     """A plain nn.Linear holding W + layer.delta_weight(), reusing the layer's weight storage
     (the layer must not be used afterwards)."""
-    w = layer.weight
+    w, bias = layer.weight, layer.bias
+    qbase = getattr(layer, "qbase", None)
+    if qbase is not None:  # quantised base (rwkv_bone.quant): fold into its dequantised weight
+        w = nn.Parameter(qbase.dequantize(torch.float32), requires_grad=False)
+        bias = None if qbase.bias is None else nn.Parameter(qbase.bias, requires_grad=False)
     w.copy_((w.float() + layer.delta_weight()).to(w.dtype))
-    lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-    lin.weight, lin.bias = w, layer.bias
+    lin = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device="meta")
+    lin.weight, lin.bias = w, bias
     return lin

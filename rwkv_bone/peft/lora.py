@@ -98,7 +98,8 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dt = x.dtype
-        y = F.linear(x, self.weight, self.bias)
+        qbase = getattr(self, "qbase", None)      # a QuantLinear (rwkv_bone.quant) or None
+        y = F.linear(x, self.weight, self.bias) if qbase is None else qbase(x)
         h = F.linear(self.dropout(x), self.lora_A.to(dt))   # (..., r)
         return y + F.linear(h, self.lora_B.to(dt)) * self.scale
 

@@ -13,6 +13,8 @@ from typing import Sequence
 from ..errors import UserError
 
 PEFT_METHODS = ("none", "bone", "lora", "pissa", "olora", "miss", "state")
+TRAIN_TYPES = ("none", "infctx")
+QUANT_TYPES = ("none", "nf4", "fp4", "int8")
 BONE_MODES = ("row", "col", "ab")
 MISS_MODES = ("default", "mini")
 ADAPTER_FORMATS = ("ours", "peft")
@@ -71,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "clean state (first-fit in the data order)")
     g.add_argument("--magic_prime", type=int, default=0,
                    help="binidx only: visit every ctx_len chunk once (p prime, p %% 3 == 2, p <= tokens//ctx_len - 1)")
+    g.add_argument("--train_type", default="none", choices=TRAIN_TYPES,
+                   help="infctx: run each ctx_len sample in chunks of --chunk_ctx tokens carrying the state "
+                        "(exact gradients, memory of one chunk); none: the whole sample at once")
+    g.add_argument("--chunk_ctx", type=int, default=512, help="tokens per chunk with --train_type infctx")
     g.add_argument("--my_exit_tokens", type=int, default=0, help="stop after this many training tokens (0 = off)")
 
     g = p.add_argument_group("schedule")
@@ -122,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="epoch adapters: ours (rwkv-{epoch}.pth) or peft (HF PEFT folder rwkv-{epoch}/, "
                         "for --bone_mode col, miss and lora)")
     g.add_argument("--svd_niter", type=int, default=4, help="PiSSA fast-SVD iterations")
+    g.add_argument("--quant", default="none", choices=QUANT_TYPES,
+                   help="store the frozen att/ffn linears quantised (bitsandbytes): nf4 / fp4 (4-bit, blocks "
+                        "of 64) or int8 (per output row); adapters, emb, head, norms and time_* stay unquantised")
     g.add_argument("--train_parts", default="",
                    help="extra parts to train besides the adapter, comma separated: time, ln, emb, head")
 
@@ -224,7 +233,7 @@ def validate_valid_args(args: argparse.Namespace) -> None:
 def validate(args: argparse.Namespace) -> None:
     """Flag combinations that can never work; each raises one UserError sentence."""
     positive = ["ctx_len", "micro_bsz", "accumulate_grad_batches", "epoch_steps", "epoch_count", "epoch_save",
-                "devices", "num_nodes", "bone_b", "lora_r", "svd_niter", "miss_r"]
+                "devices", "num_nodes", "bone_b", "lora_r", "svd_niter", "miss_r", "chunk_ctx"]
     for name in positive:
         if getattr(args, name) <= 0:
             raise UserError(f"--{name} must be a positive integer, got {getattr(args, name)}")
@@ -298,6 +307,13 @@ def validate(args: argparse.Namespace) -> None:
     if args.layerwise_lr and args.peft != "none" and "time" not in train_parts(args):
         raise UserError("--layerwise_lr 1 doubles the lr of the time_decay tensors, which train only with "
                         "--train_parts time (or --peft none); add --train_parts time or drop --layerwise_lr")
+    if args.quant != "none" and args.peft in ("miss", "state"):
+        raise UserError(f"--quant {args.quant} runs the adapters of --peft bone, lora, pissa and olora on a "
+                        f"quantised base; --peft {args.peft} does not support it yet, so drop --quant or "
+                        "use one of those methods")
+    if args.quant != "none" and args.peft == "none":
+        raise UserError(f"--quant {args.quant} stores the frozen base quantised, but with --peft none every "
+                        "weight trains; use an adapter (e.g. --peft bone) with --quant, or drop --quant")
     if args.peft == "none" and args.train_parts and not from_scratch(args):
         raise UserError("--train_parts only adds parts to an adapter; with --peft none every weight trains already")
 

@@ -36,7 +36,7 @@ STATE_FORMAT = "rwkv-bone-train-state"
 # --epoch_count may grow (train longer; a decaying lr schedule then spans the new length).
 RESUME_KEYS = ("data_file", "data_type", "ctx_len", "micro_bsz", "accumulate_grad_batches", "epoch_steps",
                "random_seed", "peft", "bone_b", "bone_mode", "lora_r", "pissa_r", "miss_r", "miss_mode",
-               "miss_mini_r", "train_parts", "magic_prime", "load_model", "layerwise_lr", "sft_pack")
+               "miss_mini_r", "train_parts", "magic_prime", "load_model", "layerwise_lr", "sft_pack", "quant")
 
 
 def trained_tensors(model: torch.nn.Module, deepspeed_on: bool) -> dict[str, torch.Tensor]:

@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from .data import StepSamples
+from .infctx import infctx_loss
 from .loss import chunked_token_loss, token_loss  # noqa: F401  (token_loss: re-exported)
 from .schedule import lr_at
 
@@ -138,6 +139,8 @@ class RWKVTrainModule(pl.LightningModule):
         doc_start (B, T) bool for packed rows (each document runs from a clean state)."""
         a = self.args
         l2wrap = bool(getattr(a, "l2wrap", False))
+        if getattr(a, "train_type", "none") == "infctx":
+            return infctx_loss(self.model, x, y, mask, a.chunk_ctx, l2wrap=l2wrap)
         if getattr(a, "chunked_ce", True):
             h, _ = self.model.forward_features(x, None, doc_start)  # (B, T, C)
             return chunked_token_loss(self.model.head, h, y, mask, l2wrap=l2wrap)

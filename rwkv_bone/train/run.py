@@ -94,6 +94,10 @@ def build_model(args: argparse.Namespace, config, bf16: bool, base_sd: dict | No
             torch.manual_seed(args.random_seed)
             apply_peft(model, args.peft, **A.peft_options(args))
             mark_trainable(model, A.train_parts(args))
+            if args.quant != "none":  # after apply_peft: PiSSA/OLoRA quantise W_res (QPiSSA)
+                from ..quant import quantize_frozen
+
+                quantize_frozen(model, args.quant)
     cast_for_training(model, bf16)
     model.grad_cp = bool(args.grad_cp)
     return model
@@ -220,6 +224,10 @@ def build_run(args: argparse.Namespace) -> TrainRun | None:
             print(f"the run in {args.proj_dir} already finished all {total_steps} steps; nothing to do")
             return None
 
+    if args.quant != "none":
+        from ..quant import check_device_support
+
+        check_device_support(args.quant, "cuda" if accelerator == "gpu" else "cpu")
     model = build_model(args, config, bf16, base_sd)
     del base_sd  # the model holds what it needs; drop the rest of the mapping
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -235,6 +243,10 @@ def build_run(args: argparse.Namespace) -> TrainRun | None:
                            {"model": model_name, "trainable_params": n_train, "total_steps": total_steps,
                             "tokens_per_step": tokens_per_step})
         print(f"model: {describe(config)}; method: {A.method_label(args)}; trainable parameters: {n_train:,}")
+        from ..quant import frozen_weight_bytes
+
+        frozen, kinds = frozen_weight_bytes(model)
+        print(f"frozen weights: {frozen / 2**20:.1f} MB ({kinds})")
         print(f"steps {start_step} -> {total_steps}, {tokens_per_step:,} tokens per step, "
               f"strategy {args.strategy} on {accelerator}, precision {A.precision_mode(args)}")
 

@@ -204,7 +204,9 @@ class WKV6Chunked(torch.autograd.Function):
         ch = _Chunks(lwc, strong_limit, carry)
         yc, P, S_all = _forward(rc, kc, vc, u, ch, s0)
         ctx.save_for_backward(rc, kc, vc, lw, u, P, S_all)
-        ctx.T, ctx.chunks = T, ch  # the decay factors are reused by the backward
+        # The decay factors are rebuilt from lw in backward rather than kept on ctx: tensors held
+        # outside save_for_backward would escape activation checkpointing (grad_cp, infctx).
+        ctx.T, ctx.strong_limit = T, strong_limit
         return _from_chunks(yc, T), S_all[-1].clone()
 
     @staticmethod
@@ -215,7 +217,9 @@ class WKV6Chunked(torch.autograd.Function):
         gyc = rc.new_zeros(rc.shape) if gy is None else _to_chunks(gy.to(rc.dtype), nc, L)
         g_final = rc.new_zeros(B, H, N, N) if g_final is None else g_final.to(rc.dtype)
         with torch.autocast(device_type=rc.device.type, enabled=False):
-            gr, gk, gv, glw, gu, g_state = _backward(rc, kc, vc, u, ctx.chunks, P, S_all, gyc, g_final)
+            ch = _Chunks(_to_chunks(lw, nc, L), ctx.strong_limit)
+            ch.Rd, ch.Kg, ch.Kd = rc * ch.r_decay, kc * ch.k_grow, kc * ch.k_decay  # as in _forward
+            gr, gk, gv, glw, gu, g_state = _backward(rc, kc, vc, u, ch, P, S_all, gyc, g_final)
         T = ctx.T
         gw = _from_chunks(glw, T).mul_(lw)
         return (_from_chunks(gr, T), _from_chunks(gk, T), _from_chunks(gv, T), gw, gu, g_state,
