@@ -186,6 +186,17 @@ def test_quant_without_an_adapter_is_a_user_error(files):
         parse_args(base_flags(files["ckpt"], files["data"], "x", peft="none", bone_b=None, quant="nf4"))
 
 
+
+@pytest.mark.parametrize("method", ["miss", "state"])
+def test_quant_with_an_unsupported_method_is_one_sentence(files, method):
+    from rwkv_bone.train import parse_args
+
+    from test_train_helpers import base_flags
+
+    with pytest.raises(UserError, match=f"--peft {method} does not support it yet, so drop --quant"):
+        parse_args(base_flags(files["ckpt"], files["data"], "x", peft=method, bone_b=None, quant="nf4"))
+
+
 def test_quantised_layer_survives_a_bf16_cast_of_the_module():
     """DeepSpeed's bf16 mode calls module.bfloat16(): the quantisation scales must stay exact."""
     lin = _linear()

@@ -203,7 +203,7 @@ class WKV6Chunked(torch.autograd.Function):
         rc, kc, vc, lwc = (_to_chunks(x, nc, L) for x in (r, k, v, lw))
         ch = _Chunks(lwc, strong_limit, carry)
         yc, P, S_all = _forward(rc, kc, vc, u, ch, s0)
-        ctx.save_for_backward(rc, kc, vc, lw, u, P, S_all)
+        ctx.save_for_backward(rc, kc, vc, lw, u, P, S_all, carry)
         # The decay factors are rebuilt from lw in backward rather than kept on ctx: tensors held
         # outside save_for_backward would escape activation checkpointing (grad_cp, infctx).
         ctx.T, ctx.strong_limit = T, strong_limit
@@ -212,12 +212,12 @@ class WKV6Chunked(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, gy, g_final):
-        rc, kc, vc, lw, u, P, S_all = ctx.saved_tensors
+        rc, kc, vc, lw, u, P, S_all, carry = ctx.saved_tensors
         nc, B, H, L, N = rc.shape
         gyc = rc.new_zeros(rc.shape) if gy is None else _to_chunks(gy.to(rc.dtype), nc, L)
         g_final = rc.new_zeros(B, H, N, N) if g_final is None else g_final.to(rc.dtype)
         with torch.autocast(device_type=rc.device.type, enabled=False):
-            ch = _Chunks(_to_chunks(lw, nc, L), ctx.strong_limit)
+            ch = _Chunks(_to_chunks(lw, nc, L), ctx.strong_limit, carry)
             ch.Rd, ch.Kg, ch.Kd = rc * ch.r_decay, kc * ch.k_grow, kc * ch.k_decay  # as in _forward
             gr, gk, gv, glw, gu, g_state = _backward(rc, kc, vc, u, ch, P, S_all, gyc, g_final)
         T = ctx.T
