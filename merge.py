@@ -36,7 +36,7 @@ def check_output(args: argparse.Namespace) -> None:
     file a user cannot regenerate), never a folder."""
     import os
 
-    from rwkv_bone.cli import check_writable_dir
+    from rwkv_bone.atomic import check_writable_dir
     from rwkv_bone.errors import UserError
 
     if os.path.isdir(args.output):
@@ -56,7 +56,7 @@ def check_output(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from rwkv_bone.checkpoint import first_non_finite, load_state_dict
-    from rwkv_bone.cli import torch_save_atomic
+    from rwkv_bone.atomic import torch_save_atomic
     from rwkv_bone.errors import UserError
     from rwkv_bone.peft.adapter_io import merge_state_dict, read_adapter_file
     from rwkv_bone.peft.registry import get_method

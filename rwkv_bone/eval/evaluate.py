@@ -158,7 +158,7 @@ def generate_answers(model, tokenizer, records: list[Record], o: EvalOptions) ->
 
 
 def _write_outputs(out_dir: str, rows: list[dict], summary: dict) -> None:
-    from ..cli import text_atomic
+    from ..atomic import text_atomic
 
     os.makedirs(out_dir, exist_ok=True)
     text_atomic("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
