@@ -17,7 +17,7 @@ import argparse
 from rwkv_bone.cli import run_cli
 from rwkv_bone.data.prepare import DEFAULT_PROMPT_TEMPLATE
 from rwkv_bone.eval.evaluate import ALL_TASKS
-from rwkv_bone.generate import DTYPES
+from rwkv_bone.loading import DTYPES
 
 
 def build_parser() -> argparse.ArgumentParser:

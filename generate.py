@@ -17,7 +17,8 @@ import sys
 
 from rwkv_bone.cli import run_cli
 from rwkv_bone.errors import UserError
-from rwkv_bone.generate import DEFAULT_TOP_P, DTYPES
+from rwkv_bone.generate import DEFAULT_TOP_P
+from rwkv_bone.loading import DTYPES
 
 
 def _unescape(s: str) -> str:
@@ -84,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from rwkv_bone.data.tokenizer import load_tokenizer
-    from rwkv_bone.generate import check_sampling, load_model, stream_text
+    from rwkv_bone.generate import check_sampling, stream_text
+    from rwkv_bone.loading import load_model
 
     # Everything a user can get wrong in the flags is refused before the slow loading starts.
     temperature = 0.0 if args.greedy else args.temperature

@@ -55,22 +55,17 @@ def check_output(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from rwkv_bone.checkpoint import first_non_finite, load_state_dict
     from rwkv_bone.atomic import torch_save_atomic
-    from rwkv_bone.errors import UserError
-    from rwkv_bone.peft.adapter_io import merge_state_dict, read_adapter_file
+    from rwkv_bone.checkpoint import load_state_dict
+    from rwkv_bone.loading import fold_adapters, read_adapters
     from rwkv_bone.peft.registry import get_method
 
     check_output(args)
-    files = [read_adapter_file(a, args.lora_alpha, args.pissa_init) for a in args.adapter]
+    files = read_adapters(args.adapter, args.lora_alpha, args.pissa_init)
     base = load_state_dict(args.base)
-    merged = base
-    for af in files:
-        merged = merge_state_dict(merged, af)
-    bad = first_non_finite(merged)
-    if bad is not None:
-        raise UserError(f"merging {', '.join(args.adapter)} into {args.base} gives NaN or infinite values in "
-                        f"{bad} (adapter values too large for the base's {base[bad].dtype}?); nothing was written")
+    merged = fold_adapters(base, files, lambda bad: (
+        f"merging {', '.join(args.adapter)} into {args.base} gives NaN or infinite values in "
+        f"{bad} (adapter values too large for the base's {base[bad].dtype}?); nothing was written"))
     torch_save_atomic(merged, args.output)
     for af in files:
         parts = [f"{len(af.layers)} {get_method(af.meta['method']).label(af.meta)} layers"] if af.layers else []

@@ -75,7 +75,7 @@ def check_options(o: EvalOptions) -> None:
 
 
 def load_for_eval(o: EvalOptions):
-    from ..generate import load_model
+    from ..loading import load_model
 
     return load_model(o.model, list(o.adapters), dtype=o.dtype, device=o.device,
                       lora_alpha=o.lora_alpha, pissa_init=o.pissa_init)
