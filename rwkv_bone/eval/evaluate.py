@@ -19,11 +19,10 @@ from typing import Optional, Sequence
 import torch
 
 from ..errors import UserError
-from .answers import TASKS, extract, is_correct
+from .answers import ALL_TASKS, TASKS, extract, is_correct
 from .records import DEFAULT_PROMPT_TEMPLATE, Record, load_records
 from .score import format_accuracy, wilson_interval
 
-ALL_TASKS = TASKS + ("loss",)
 STOP_TEXT = "\n\nUser:"  # the next turn of the chat template: the answer is over
 
 

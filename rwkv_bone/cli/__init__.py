@@ -1,11 +1,15 @@
-"""Shared helpers for the thin command-line entry points (train.py, make_data.py, merge.py, ...)."""
+"""The command-line tools: `rwkv-bone train|make-data|eval|merge|generate` (cli.main) and the
+top-level scripts train.py, make_data.py, ... (thin shims over cli.<tool>). Each tool's parser lives
+in a module that imports no torch, so `--help` answers at once; shared flags live in cli.args.
+
+run_cli turns a UserError into one line on stderr and exit code 2."""
 from __future__ import annotations
 
 import sys
 from typing import Callable
 
-from .atomic import atomic_path, check_writable_dir, text_atomic, torch_save_atomic, write_atomic
-from .errors import UserError
+from ..atomic import atomic_path, check_writable_dir, text_atomic, torch_save_atomic, write_atomic
+from ..errors import UserError
 
 EXIT_USER_ERROR = 2
 
