@@ -11,85 +11,9 @@ and get a loss mask PREFIX.mask.bin/.idx (1 on the response tokens and the final
 0 on the prompt). .txt files: one document per blank-line-separated block (--txt_mode blocks),
 per line (lines) or the whole file (whole). Token 0 ends every document.
 """
-from __future__ import annotations
-
-import argparse
-import sys
-
+# A thin shim: the parser and main live in rwkv_bone.cli.make_data (also `rwkv-bone make-data ...`).
 from rwkv_bone.cli import run_cli
-from rwkv_bone.data.prepare import (DEFAULT_PROMPT_TEMPLATE, DEFAULT_RESPONSE_TEMPLATE, FORMATS,
-                                    TXT_MODES, PrepareOptions, prepare)
-
-
-def _unescape(s: str) -> str:
-    """Let templates typed in a shell use \\n and \\t."""
-    return s.replace("\\n", "\n").replace("\\t", "\t")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input", help="a .jsonl (one JSON object per line) or .txt file")
-    p.add_argument("--output", "-o", required=True,
-                   help="output prefix: writes PREFIX.bin/.idx (+ PREFIX.mask.bin/.idx)")
-    p.add_argument("--tokenizer", default=None,
-                   help="a Hugging Face tokenizer.json, or a World-format vocab .txt "
-                        "(default: RWKV World, rwkv_vocab_v20230424 from the rwkv package)")
-    p.add_argument("--input_format", choices=("jsonl", "txt"), default=None,
-                   help="default: from the file extension")
-    p.add_argument("--format", choices=FORMATS, default="auto",
-                   help="jsonl record type: text, qa (query/response), alpaca "
-                        "(instruction/input/output), or auto per record (default)")
-    p.add_argument("--text_field", default="text")
-    p.add_argument("--prompt_field", default="query", help="qa prompt field (default: query)")
-    p.add_argument("--response_field", default="response")
-    p.add_argument("--instruction_field", default="instruction")
-    p.add_argument("--input_field", default="input", help="alpaca optional input field")
-    p.add_argument("--output_field", default="output")
-    p.add_argument("--prompt_template", default=DEFAULT_PROMPT_TEMPLATE.replace("\n", "\\n"),
-                   help="rendering of the prompt, must contain {prompt} (default: %(default)s)")
-    p.add_argument("--response_template", default=DEFAULT_RESPONSE_TEMPLATE,
-                   help="rendering of the response, must contain {response} "
-                        "(default: '%(default)s')")
-    p.add_argument("--txt_mode", choices=TXT_MODES, default="blocks",
-                   help=".txt documents: blank-line-separated blocks (default), lines, or the "
-                        "whole file")
-    p.add_argument("--epochs", type=int, default=1,
-                   help="write the data N times, each epoch in a new random order (default 1)")
-    p.add_argument("--shuffle", action="store_true", help="shuffle even a single epoch")
-    p.add_argument("--seed", type=int, default=0, help="shuffling seed (default 0)")
-    p.add_argument("--ctx_len", type=int, default=None,
-                   help="print the train.py arguments (--magic_prime, --my_exit_tokens) for "
-                        "one pass of pre-training over the data at this context length")
-    p.add_argument("--workers", type=int, default=None,
-                   help="tokeniser processes (default: all CPU cores)")
-    p.add_argument("--skip_bad", action="store_true",
-                   help="skip and count bad records instead of stopping at the first one")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
-
-
-def main() -> int:
-    a = build_parser().parse_args()
-    opts = PrepareOptions(
-        input=a.input, output=a.output, tokenizer=a.tokenizer, input_format=a.input_format,
-        format=a.format, text_field=a.text_field, prompt_field=a.prompt_field,
-        response_field=a.response_field, instruction_field=a.instruction_field,
-        input_field=a.input_field, output_field=a.output_field,
-        prompt_template=_unescape(a.prompt_template),
-        response_template=_unescape(a.response_template), txt_mode=a.txt_mode,
-        epochs=a.epochs, shuffle=a.shuffle, seed=a.seed, ctx_len=a.ctx_len, workers=a.workers,
-        skip_bad=a.skip_bad, progress=not a.quiet)
-    r = prepare(opts)
-    if r.skipped:
-        print(f"skipped {r.skipped} bad records (first: {r.first_skipped})", file=sys.stderr)
-    print(f"wrote {r.prefix}.bin/.idx: {r.documents} documents x {r.epochs} epochs, "
-          f"{r.tokens} tokens ({r.dtype.name}, vocab {r.vocab_size})"
-          + (f"; loss masks in {r.prefix}.mask.bin/.idx" if r.has_masks else ""))
-    if r.train_args():
-        print(f"train.py arguments for one pass: {r.train_args()}")
-    return 0
-
+from rwkv_bone.cli.make_data import build_parser, main  # noqa: F401 - re-exported
 
 if __name__ == "__main__":
     run_cli(main)

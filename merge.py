@@ -1,6 +1,6 @@
 """Fold adapters into their base model: a plain RWKV-6 checkpoint with no inference overhead.
 
-    python merge.py --base BASE.pth --adapter ADAPTER --output OUT.pth [--adapter STATE.pth ...]
+    python merge.py --model BASE.pth --adapter ADAPTER --output OUT.pth [--adapter STATE.pth ...]
 
 ADAPTER may be any format rwkv_bone.peft.formats reads, recognised by its content: rwkv-bone adapter
 files (settings stored inside); RWKV-PEFT .pth files (3-D `.bone`/`.disha` = block-affine
@@ -13,74 +13,9 @@ learned initial states as official keys, which the `rwkv` package starts every s
 merge is computed in float32 and written in the base checkpoint's dtype (states stay float32),
 atomically (an existing OUT is only replaced by a complete file).
 """
-from __future__ import annotations
-
-import argparse
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--base", required=True, help="the base RWKV-6 checkpoint (.pth) the adapter was trained on")
-    p.add_argument("--adapter", required=True, action="append",
-                   help="the adapter from train.py, RWKV-PEFT or HF PEFT (file or folder); repeatable")
-    p.add_argument("--output", required=True, help="where to write the merged RWKV-6 checkpoint (.pth)")
-    p.add_argument("--lora_alpha", type=float, default=None,
-                   help="LoRA alpha of a peer LoRA .pth file (ours and PEFT folders record it; scale = alpha / r)")
-    p.add_argument("--pissa_init", default=None,
-                   help="peer PiSSA init file with init_lora_A/B (ours keep them in the adapter file)")
-    return p.parse_args(argv)
-
-
-def check_output(args: argparse.Namespace) -> None:
-    """--output must be a new file or an earlier merge, never one of the inputs (the base is the one
-    file a user cannot regenerate), never a folder."""
-    import os
-
-    from rwkv_bone.cli import check_writable_dir
-    from rwkv_bone.errors import UserError
-
-    if os.path.isdir(args.output):
-        raise UserError(f"--output {args.output} is a folder; give the path of the .pth file to write")
-    inputs = [("--base", args.base), *(("--adapter", a) for a in args.adapter), ("--pissa_init", args.pissa_init)]
-    for flag, path in inputs:
-        if path is not None and flag == "--base" and not os.path.exists(path):
-            path += ".pth"  # load_state_dict also accepts a model named without its .pth suffix
-        if path is None or not os.path.exists(args.output) or not os.path.exists(path):
-            continue
-        if os.path.samefile(args.output, path):
-            raise UserError(f"--output {args.output} is the {flag} file; merging would overwrite it, so "
-                            "choose another output path")
-    check_writable_dir(args.output, "output")
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from rwkv_bone.checkpoint import first_non_finite, load_state_dict
-    from rwkv_bone.cli import torch_save_atomic
-    from rwkv_bone.errors import UserError
-    from rwkv_bone.peft.adapter_io import merge_state_dict, read_adapter_file
-    from rwkv_bone.peft.registry import get_method
-
-    check_output(args)
-    files = [read_adapter_file(a, args.lora_alpha, args.pissa_init) for a in args.adapter]
-    base = load_state_dict(args.base)
-    merged = base
-    for af in files:
-        merged = merge_state_dict(merged, af)
-    bad = first_non_finite(merged)
-    if bad is not None:
-        raise UserError(f"merging {', '.join(args.adapter)} into {args.base} gives NaN or infinite values in "
-                        f"{bad} (adapter values too large for the base's {base[bad].dtype}?); nothing was written")
-    torch_save_atomic(merged, args.output)
-    for af in files:
-        parts = [f"{len(af.layers)} {get_method(af.meta['method']).label(af.meta)} layers"] if af.layers else []
-        parts += [f"{len(af.states)} learned initial states"] if af.states else []
-        parts += [f"{len(af.others)} trained tensors"]
-        print(f"merged {', '.join(parts)} from {af.path} into {args.output}")
-    return 0
-
+# A thin shim: the parser and main live in rwkv_bone.cli.merge (also `rwkv-bone merge ...`).
+from rwkv_bone.cli import run_cli
+from rwkv_bone.cli.merge import build_parser, check_output, main, parse_args  # noqa: F401 - re-exported
 
 if __name__ == "__main__":
-    from rwkv_bone.cli import run_cli
-
     run_cli(main)

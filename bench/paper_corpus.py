@@ -123,7 +123,7 @@ def build_vocab(texts: Iterable[str], n_words: int) -> list[bytes]:
 
 def write_vocab(vocab: list[bytes], path: str) -> None:
     """ID LITERAL BYTELEN lines (ids from 1; 0 is end of document)."""
-    from rwkv_bone.cli import text_atomic
+    from rwkv_bone.atomic import text_atomic
 
     lines = []
     for i, tok in enumerate(vocab, 1):

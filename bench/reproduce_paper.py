@@ -64,7 +64,7 @@ def log(msg: str) -> None:
 
 
 def write_jsonl(recs: list[dict], path: str) -> None:
-    from rwkv_bone.cli import text_atomic
+    from rwkv_bone.atomic import text_atomic
 
     text_atomic("".join(json.dumps(r) + "\n" for r in recs), path)
 
@@ -124,7 +124,7 @@ def build_data(work: str, s: dict) -> dict:
 
     longest = int(max(MMapIndexedDataset(sft.prefix).sizes))
     paths["sft_ctx"] = -(-longest // 16) * 16  # every document fits whole
-    from rwkv_bone.cli import text_atomic
+    from rwkv_bone.atomic import text_atomic
 
     text_atomic(json.dumps(paths), done)
     return paths
@@ -184,7 +184,7 @@ def finetune_and_eval(work: str, s: dict, data: dict, base: str, method: tuple, 
                                        progress=False, quiet=True))
         res[f"{split}_acc"], res[f"{split}_n"] = summary["accuracy"], summary["n"]
         res[f"{split}_tok_s"] = summary["tokens_per_s"]
-    from rwkv_bone.cli import text_atomic
+    from rwkv_bone.atomic import text_atomic
 
     text_atomic(json.dumps(res, indent=1), result_path)
     return res
@@ -250,7 +250,7 @@ def write_report(path: str, s: dict, mode: str, chosen: dict, grid: dict, base_a
                  elapsed: float, cmd: str) -> None:
     import torch
 
-    from rwkv_bone.cli import text_atomic
+    from rwkv_bone.atomic import text_atomic
 
     def row(key):
         m = next(m for m in METHODS if m[0] == key)

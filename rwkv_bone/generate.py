@@ -30,9 +30,6 @@ from .model import RWKV6
 
 DEFAULT_TOP_P = 0.85      # the nucleus the RWKV reference demos use
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
 def check_sampling(temperature: float, top_p: float) -> None:
     """Refuse settings that have no meaning: temperature < 0 or top_p outside (0, 1]."""
     if not math.isfinite(temperature):
@@ -45,50 +42,6 @@ def check_sampling(temperature: float, top_p: float) -> None:
         raise UserError("top_p nan is not a number; use a value in (0, 1] such as 0.85 (1 keeps every token)")
     if not 0 < top_p <= 1:
         raise UserError(f"top_p {top_p} is outside (0, 1]; use e.g. 0.85 (1 keeps every token)")
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """A torch.device that exists on this machine, or a UserError naming the fix."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise UserError(f"unknown device {device!r}; use cpu or cuda") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("CUDA was asked for but this PyTorch sees no usable NVIDIA GPU; "
-                        "use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise UserError(f"device {device!r} is not supported for generation; use cpu or cuda")
-    return dev
-
-
-def load_model(path: str, adapter: Optional[str | Sequence[str]] = None, *,
-               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               lora_alpha: Optional[float] = None, pissa_init: Optional[str] = None) -> RWKV6:
-    """An RWKV-6 model ready for inference, with `adapter` (one path or several, any format that
-    rwkv_bone.peft.formats reads: e.g. a Bone/LoRA adapter and a state-tuning file) folded into its
-    weights in order, so it runs exactly as fast as the base model (a learned initial state costs
-    nothing per token either). The merge is computed in float32 from the wider of the checkpoint's
-    and the requested dtype (as merge.py does)."""
-    dev = resolve_device(device)
-    adapters = [adapter] if isinstance(adapter, (str, bytes)) or hasattr(adapter, "__fspath__") \
-        else list(adapter or [])
-    if not adapters:
-        return RWKV6.from_checkpoint(path, dtype=dtype, device=dev).eval()
-
-    from .checkpoint import first_non_finite, load_state_dict
-    from .peft.adapter_io import merge_state_dict, read_adapter_file
-
-    files = [read_adapter_file(a, lora_alpha, pissa_init) for a in adapters]  # all parsed before merging
-    base = load_state_dict(path)
-    # bf16 release + fp32 run: merge into fp32 weights, not into bf16 ones rounded again later.
-    sd = {k: v.to(torch.promote_types(v.dtype, dtype)) for k, v in base.items()}
-    for af in files:
-        sd = merge_state_dict(sd, af)
-    bad = first_non_finite(sd)
-    if bad is not None:
-        raise UserError(f"folding {', '.join(map(str, adapters))} into {path} gives NaN or infinite values "
-                        f"in {bad} (adapter values too large, or a wrong --lora_alpha?); check the adapter")
-    return RWKV6.from_state_dict(sd, dtype=dtype, device=dev).eval()
 
 
 def sample_next(logits: Tensor, temperature: float = 1.0, top_p: float = 1.0,
@@ -230,5 +183,5 @@ def generate(model: RWKV6, tokenizer, prompt: str, max_tokens: int = 200, *,
                                top_p=top_p, seed=seed, stop=stop))
 
 
-__all__ = ["EOD_ID", "DEFAULT_TOP_P", "DTYPES", "check_sampling", "resolve_device", "load_model",
-           "sample_next", "feed", "generate_tokens", "TextStream", "stream_text", "generate"]
+__all__ = ["EOD_ID", "DEFAULT_TOP_P", "check_sampling", "sample_next", "feed", "generate_tokens", "TextStream",
+           "stream_text", "generate"]

@@ -337,7 +337,7 @@ class RWKV6(nn.Module):
 
     def save_checkpoint(self, path: str | os.PathLike, dtype: Optional[torch.dtype] = None) -> None:
         """Write an official-layout .pth (loadable by the `rwkv` package), atomically."""
-        from .cli import check_writable_dir, torch_save_atomic
+        from .atomic import check_writable_dir, torch_save_atomic
 
         check_writable_dir(path, "checkpoint")
         torch_save_atomic(self.official_state_dict(dtype), path)

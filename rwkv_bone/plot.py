@@ -78,7 +78,7 @@ def plot_runs(run_dirs: Sequence[str], output: str, smooth: int = 0, x_axis: str
         import matplotlib.pyplot as plt
     except ImportError:
         raise UserError("plotting needs matplotlib: pip install matplotlib") from None
-    from .cli import atomic_path, check_writable_dir
+    from .atomic import atomic_path, check_writable_dir
 
     if os.path.isdir(output):
         raise UserError(f"--output {output} is a folder; give the path of the .png file to write")

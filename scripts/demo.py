@@ -69,7 +69,8 @@ def answers(model_path: str, title: str) -> list[str]:
     import torch
 
     from rwkv_bone.data.tokenizer import load_tokenizer
-    from rwkv_bone.generate import generate, load_model
+    from rwkv_bone.generate import generate
+    from rwkv_bone.loading import load_model
 
     print(f"\n=== {title}: python generate.py --model {model_path} --greedy --max_tokens 16 "
           "--stop '\\n\\n' --prompt 'User: ...\\n\\nAssistant:'", flush=True)

@@ -17,8 +17,8 @@ from conftest import random_model
 from rwkv_bone.cli import run_cli
 from rwkv_bone.data.tokenizer import WorldTokenizer
 from rwkv_bone.errors import UserError
-from rwkv_bone.generate import (TextStream, feed, generate, generate_tokens, load_model, sample_next,
-                                stream_text)
+from rwkv_bone.generate import TextStream, feed, generate, generate_tokens, sample_next, stream_text
+from rwkv_bone.loading import load_model
 from rwkv_bone.peft import adapter_modules, apply_peft, save_adapter
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -29,6 +29,8 @@ def test_wheel_ships_cuda_sources_and_the_unpacked_package_finds_them(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (wheel,) = out.glob("rwkv_bone-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
+    (entry,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]  # `pip install .` -> rwkv-bone
+    assert "rwkv-bone = rwkv_bone.cli.main:main" in zipfile.ZipFile(wheel).read(entry).decode()
     for n in ("wkv6_cuda.cu", "wkv6_op.cpp"):
         assert f"rwkv_bone/wkv/cuda_src/{n}" in names, names
     assert (zipfile.ZipFile(wheel).read("rwkv_bone/wkv/cuda_src/wkv6_cuda.cu")

@@ -12,7 +12,7 @@ import torch
 import rwkv_bone.model as model_mod
 from conftest import TINY, random_model
 from rwkv_bone.errors import UserError
-from rwkv_bone.generate import load_model
+from rwkv_bone.loading import load_model
 from rwkv_bone.model import RWKV6
 from rwkv_bone.peft import apply_peft, load_adapter, merge_peft, read_adapter_file, save_adapter
 from rwkv_bone.wkv.reference import wkv6_reference

@@ -18,6 +18,7 @@ from fractions import Fraction
 from typing import Optional
 
 TASKS = ("gsm8k", "math", "exact")
+ALL_TASKS = TASKS + ("loss",)  # what eval.py --task accepts: the answer tasks and the held-out loss
 
 _ANSWER_IS = re.compile(r"the answer is\s*:?", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+(?:\.\d+)?)?")

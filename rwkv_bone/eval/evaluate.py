@@ -19,11 +19,10 @@ from typing import Optional, Sequence
 import torch
 
 from ..errors import UserError
-from .answers import TASKS, extract, is_correct
+from .answers import ALL_TASKS, TASKS, extract, is_correct
 from .records import DEFAULT_PROMPT_TEMPLATE, Record, load_records
 from .score import format_accuracy, wilson_interval
 
-ALL_TASKS = TASKS + ("loss",)
 STOP_TEXT = "\n\nUser:"  # the next turn of the chat template: the answer is over
 
 
@@ -75,7 +74,7 @@ def check_options(o: EvalOptions) -> None:
 
 
 def load_for_eval(o: EvalOptions):
-    from ..generate import load_model
+    from ..loading import load_model
 
     return load_model(o.model, list(o.adapters), dtype=o.dtype, device=o.device,
                       lora_alpha=o.lora_alpha, pissa_init=o.pissa_init)
@@ -158,7 +157,7 @@ def generate_answers(model, tokenizer, records: list[Record], o: EvalOptions) ->
 
 
 def _write_outputs(out_dir: str, rows: list[dict], summary: dict) -> None:
-    from ..cli import text_atomic
+    from ..atomic import text_atomic
 
     os.makedirs(out_dir, exist_ok=True)
     text_atomic("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),

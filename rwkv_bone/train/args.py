@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("model")
-    g.add_argument("--load_model", default=None,
-                   help='RWKV-6 checkpoint (.pth) to fine-tune; dims are read from its shapes. '
+    g.add_argument("--load_model", "--model", default=None,
+                   help='RWKV-6 checkpoint (.pth) to fine-tune (--model: the same); dims are read from its shapes. '
                         '"" trains from scratch (needs --model_preset or --n_layer/--n_embd, and --peft none)')
     g.add_argument("--model_preset", default="",
                    help="1.6b, 3b, 7b or 14b: dims for --dry_run or from-scratch training")
@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("run")
     g.add_argument("--proj_dir", default="out", help="output folder: checkpoints, logs, training state")
-    g.add_argument("--random_seed", type=int, default=42, help="seed: data order, init, dropout")
+    g.add_argument("--random_seed", "--seed", type=int, default=42, help="seed: data order, init, dropout")
     g.add_argument("--wandb", default="", help="W&B project name (empty = off; offline without a W&B login)")
     g.add_argument("--resume", action="store_true", help="continue from PROJ_DIR's last saved training state")
     g.add_argument("--dry_run", action="store_true", help="print dims and trainable parameter count, then exit")

@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from ..cli import text_atomic, torch_save_atomic
+from ..atomic import text_atomic, torch_save_atomic
 from ..errors import UserError
 from .strategy import full_fp32_param
 

@@ -1,26 +1,11 @@
-"""Shared helpers for the thin command-line entry points (train.py, make_data.py, merge.py, ...)."""
+"""Atomic file writers: a reader sees the old file or the whole new one, never half of one, and a
+failed write leaves no temporary file behind."""
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any, Callable
 
 from .errors import UserError
-
-EXIT_USER_ERROR = 2
-
-
-def run_cli(main: Callable[[], int | None]) -> None:
-    """Run `main`; a UserError becomes one line on stderr and exit code 2, never a traceback."""
-    try:
-        code = main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(code or 0)
 
 
 def atomic_path(path: str | os.PathLike) -> str:

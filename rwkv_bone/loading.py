@@ -1,0 +1,97 @@
+"""The one loader every tool uses: read a base RWKV-6 checkpoint, fold adapters into it, check the
+result is finite, and build the model (generate, eval) or hand back the weights (merge).
+
+    files = read_adapters(paths, lora_alpha, pissa_init)   # every adapter parsed before any merge
+    sd = fold_adapters(base_sd, files, describe)           # merged in order, then the finite check
+    model = load_model(path, paths, dtype=..., device=...) # the two above + RWKV6.from_state_dict
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .errors import UserError
+from .model import RWKV6
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A torch.device that exists on this machine, or a UserError naming the fix."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"unknown device {device!r}; use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("CUDA was asked for but this PyTorch sees no usable NVIDIA GPU; "
+                        "use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"device {device!r} is not supported for generation; use cpu or cuda")
+    return dev
+
+
+def default_device_dtype(device: Optional[str], dtype: Optional[str]) -> tuple[str, torch.dtype]:
+    """The CLI defaults: cuda when available, else cpu; bf16 on cuda, fp32 on cpu."""
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return dev, DTYPES[dtype or ("bf16" if dev.startswith("cuda") else "fp32")]
+
+
+def adapter_list(adapter: Optional[str | os.PathLike | Sequence[str]]) -> list:
+    """One path or several (None: none) as a list."""
+    if isinstance(adapter, (str, bytes)) or hasattr(adapter, "__fspath__"):
+        return [adapter]
+    return list(adapter or [])
+
+
+def read_adapters(adapters: Sequence[str], lora_alpha: Optional[float] = None,
+                  pissa_init: Optional[str] = None) -> list:
+    """Every adapter parsed (rwkv_bone.peft.formats, any format) before anything is merged, so a bad
+    second adapter is refused before the slow merge of the first."""
+    from .peft.adapter_io import read_adapter_file
+
+    return [read_adapter_file(a, lora_alpha, pissa_init) for a in adapters]
+
+
+def fold_adapters(sd: dict, files: Sequence, describe: Callable[[str], str]) -> dict:
+    """`sd` with each adapter file folded in, in order; a UserError with `describe(key)` when a
+    tensor of the result holds NaN or infinite values."""
+    from .checkpoint import first_non_finite
+    from .peft.adapter_io import merge_state_dict
+
+    for af in files:
+        sd = merge_state_dict(sd, af)
+    bad = first_non_finite(sd)
+    if bad is not None:
+        raise UserError(describe(bad))
+    return sd
+
+
+def load_model(path: str, adapter: Optional[str | Sequence[str]] = None, *,
+               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               lora_alpha: Optional[float] = None, pissa_init: Optional[str] = None) -> RWKV6:
+    """An RWKV-6 model ready for inference, with `adapter` (one path or several, any format that
+    rwkv_bone.peft.formats reads: e.g. a Bone/LoRA adapter and a state-tuning file) folded into its
+    weights in order, so it runs exactly as fast as the base model (a learned initial state costs
+    nothing per token either). The merge is computed in float32 from the wider of the checkpoint's
+    and the requested dtype (as merge.py does)."""
+    dev = resolve_device(device)
+    adapters = adapter_list(adapter)
+    if not adapters:
+        return RWKV6.from_checkpoint(path, dtype=dtype, device=dev).eval()
+
+    from .checkpoint import load_state_dict
+
+    files = read_adapters(adapters, lora_alpha, pissa_init)
+    base = load_state_dict(path)
+    # bf16 release + fp32 run: merge into fp32 weights, not into bf16 ones rounded again later.
+    sd = {k: v.to(torch.promote_types(v.dtype, dtype)) for k, v in base.items()}
+    sd = fold_adapters(sd, files, lambda bad: (
+        f"folding {', '.join(map(str, adapters))} into {path} gives NaN or infinite values "
+        f"in {bad} (adapter values too large, or a wrong --lora_alpha?); check the adapter"))
+    return RWKV6.from_state_dict(sd, dtype=dtype, device=dev).eval()
+
+
+__all__ = ["DTYPES", "resolve_device", "default_device_dtype", "adapter_list", "read_adapters",
+           "fold_adapters", "load_model"]
