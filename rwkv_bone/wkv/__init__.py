@@ -109,11 +109,16 @@ def _kernel_applies(r: Tensor, w: Tensor, u: Tensor, state: Tensor | None) -> bo
     )
 
 
-def _fla_applies(r: Tensor, w: Tensor, u: Tensor, state: Tensor | None) -> bool:
+def _fla_inputs(r: Tensor, w: Tensor, u: Tensor, state: Tensor | None) -> bool:
     """Inputs fla's kernels take: CUDA tensors (or any, under the Triton interpreter), no float64."""
     on_device = r.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    return (on_device and r.dtype in KERNEL_DTYPES
-            and all(x is None or x.dtype != torch.float64 for x in (w, u, state)) and fla_available())
+    return on_device and r.dtype in KERNEL_DTYPES and all(
+        x is None or x.dtype != torch.float64 for x in (w, u, state))
+
+
+def _fla_applies(r: Tensor, w: Tensor, u: Tensor, state: Tensor | None) -> bool:
+    """fla takes the inputs and is installed (checked second: it imports fla)."""
+    return _fla_inputs(r, w, u, state) and fla_available()
 
 
 def _fla_op(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor | None = None,
@@ -133,11 +138,11 @@ def _choose(backend: str, r: Tensor, w: Tensor, u: Tensor, state: Tensor | None)
     if backend == "cuda" and not _kernel_applies(r, w, u, state):
         raise UserError(f"wkv6: backend 'cuda' needs CUDA tensors of head size {HEAD_SIZE} in float32 / "
                         "bfloat16 / float16 and a kernel that builds; use backend 'auto' or 'chunked'.")
-    if backend == "fla" and not fla_available():
-        raise FLAUnavailableError(f"wkv6: backend 'fla' needs flash-linear-attention; {INSTALL_HINT}.")
-    if backend == "fla" and not _fla_applies(r, w, u, state):
+    if backend == "fla" and not _fla_inputs(r, w, u, state):
         raise UserError("wkv6: backend 'fla' needs CUDA tensors in float32 / bfloat16 / float16 (no "
                         "float64); use backend 'auto' or 'chunked'.")
+    if backend == "fla" and not fla_available():
+        raise FLAUnavailableError(f"wkv6: backend 'fla' needs flash-linear-attention; {INSTALL_HINT}.")
     key = (r.device, r.dtype, r.shape[-1])
     if backend in ("auto", "cuda") and _kernel_applies(r, w, u, state) and kernel_trusted(wkv6_cuda, *key):
         return wkv6_cuda
