@@ -190,5 +190,40 @@ def test_backend_choice_is_validated_without_importing_fla():
     assert "fla" not in sys.modules  # nothing above imported it (the kernels run in the child)
 
 
+def test_the_backend_is_a_model_config_field_passed_to_the_op(monkeypatch):
+    import torch
+
+    import rwkv_bone.model as model_mod
+    from rwkv_bone import RWKV6, RWKV6Config
+    from rwkv_bone.errors import UserError
+    from rwkv_bone.wkv import wkv6_reference
+
+    tiny = dict(n_layer=1, n_embd=64, vocab_size=50, dim_ffn=128, head_size=32, dim_maa=8, dim_decay=8)
+    with pytest.raises(UserError, match="wkv_backend must be one of"):
+        RWKV6Config(**tiny, wkv_backend="triton")
+    seen = []
+
+    def spy(r, k, v, w, u, state=None, doc_start=None, backend="auto"):
+        seen.append(backend)
+        return wkv6_reference(r, k, v, w, u, state)
+
+    monkeypatch.setattr(model_mod, "wkv6", spy)
+    with torch.no_grad():
+        RWKV6.from_config(RWKV6Config(**tiny, wkv_backend="chunked"), device="cpu")(torch.zeros(1, 3, dtype=torch.long))
+        RWKV6.from_config(RWKV6Config(**tiny), device="cpu")(torch.zeros(1, 3, dtype=torch.long))
+    assert seen == ["chunked", "auto"]
+
+
+def test_train_flag_reaches_the_model_config():
+    from rwkv_bone.train.args import parse_args
+    from rwkv_bone.train.run import load_base
+
+    base = ["--load_model", "", "--n_layer", "1", "--n_embd", "64", "--vocab_size", "50", "--peft", "none", "--dry_run"]
+    assert load_base(parse_args(base))[0].wkv_backend == "auto"
+    assert load_base(parse_args(base + ["--wkv_backend", "fla"]))[0].wkv_backend == "fla"
+    with pytest.raises(SystemExit):
+        parse_args(base + ["--wkv_backend", "triton"])
+
+
 if __name__ == "__main__":
     print(json.dumps(_child()))
