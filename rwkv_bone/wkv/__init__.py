@@ -12,7 +12,8 @@ passed its self-check; "cuda" / "fla" ask for that kernel (a UserError where it 
 chunked path, with a loud warning, where it fails its self-check); "chunked" the PyTorch path.
 All are differentiable in every input, the initial state included.
 `doc_start` (B, T) bool (packed documents) zeroes the state before each marked token: natively in
-the chunked path, through a zero decay at the marked token for the kernel (resets.py).
+the chunked path, through a zero decay at the marked token for our kernel (resets.py), as segments
+of fla's varlen mode (cu_seqlens) for fla's.
 """
 from __future__ import annotations
 
@@ -146,7 +147,8 @@ def _choose(backend: str, r: Tensor, w: Tensor, u: Tensor, state: Tensor | None)
     key = (r.device, r.dtype, r.shape[-1])
     if backend in ("auto", "cuda") and _kernel_applies(r, w, u, state) and kernel_trusted(wkv6_cuda, *key):
         return wkv6_cuda
-    if backend in ("auto", "fla") and _fla_applies(r, w, u, state) and \
+    # auto takes fla on CUDA tensors only (the Triton interpreter on the CPU is for tests asking for it)
+    if (backend == "fla" or (backend == "auto" and r.is_cuda)) and _fla_applies(r, w, u, state) and \
             kernel_trusted(_fla_op, *key, name=f"fla {FLA_MODE} kernel"):
         return _fla_op
     return None

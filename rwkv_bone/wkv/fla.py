@@ -66,7 +66,7 @@ def _segments(doc_start: Tensor, B: int, T: int, Tp: int):
     b, t = cut.nonzero(as_tuple=True)  # row-major: sorted by flat position
     starts = b * Tp + t
     cu = torch.cat([starts, torch.tensor([B * Tp])]).long()
-    carry = (t == 0) & ~(ds[:, 0][b] if T > 0 else torch.zeros_like(b, dtype=torch.bool))
+    carry = (t == 0) & ~ds[b, 0]  # T > 0 here
     last = torch.searchsorted(starts, (torch.arange(B) + 1) * Tp) - 1
     return cu, b, carry, last
 
