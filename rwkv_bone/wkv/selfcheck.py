@@ -108,6 +108,11 @@ def kernel_trusted(kernel: Callable, device: torch.device, dtype: torch.dtype, h
     return not bad
 
 
+def verdicts() -> dict[tuple[str, str, torch.dtype, int], bool]:
+    """The verdicts so far, keyed (kernel name, device, dtype, head size)."""
+    return dict(_verdicts)
+
+
 def forget() -> None:
     """Drop the verdicts (tests)."""
     _verdicts.clear()
