@@ -30,6 +30,7 @@ class RWKV6Config:
     head_size: int = 64  # N
     dim_maa: int = 32  # Dm, rank of the token-shift mixing projection
     dim_decay: int = 64  # Dd, rank of the decay projection
+    wkv_backend: str = "auto"  # the WKV op's backend (rwkv_bone.wkv.BACKENDS): a run choice, not a dimension
 
     def __post_init__(self) -> None:
         if self.dim_att is None:
@@ -40,6 +41,10 @@ class RWKV6Config:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise UserError(f"model setting {name} must be a positive integer, got {value!r}")
+        from .wkv import BACKENDS
+
+        if self.wkv_backend not in BACKENDS:
+            raise UserError(f"wkv_backend must be one of {', '.join(BACKENDS)}, got {self.wkv_backend!r}")
         if self.dim_att % self.head_size:
             raise UserError(
                 f"dim_att {self.dim_att} is not a multiple of head_size {self.head_size}; "

@@ -56,6 +56,7 @@ class TimeMix(nn.Module):
         self.layer_id = layer_id
         C, A, H, N = cfg.n_embd, cfg.dim_att, cfg.n_head, cfg.head_size
         self.n_head, self.head_size, self.dim_maa = H, N, cfg.dim_maa
+        self.wkv_backend = cfg.wkv_backend
         # Registration order follows the reference implementation (checkpoint key order).
         self.time_maa_x = nn.Parameter(torch.empty(1, 1, C))
         self.time_maa_w = nn.Parameter(torch.empty(1, 1, C))
@@ -115,7 +116,11 @@ class TimeMix(nn.Module):
         # Autocast off: the op gets exactly the precision chosen here, whatever its implementation.
         with torch.autocast(device_type=x.device.type, enabled=False):
             args = (heads(r), heads(k), heads(v), heads(w), self.time_faaaa.to(wdt), wkv_state)
-            y, wkv_state = wkv6(*args) if doc_start is None else wkv6(*args, doc_start=doc_start)
+            # Only non-default options are passed (stand-in ops in tests take the six tensors alone).
+            opts = {} if doc_start is None else {"doc_start": doc_start}
+            if self.wkv_backend != "auto":
+                opts["backend"] = self.wkv_backend
+            y, wkv_state = wkv6(*args, **opts)
             y = y.reshape(B * T, H * N)  # (BT, A) in wdt
             y = F.group_norm(y, H, self.ln_x.weight.to(wdt), self.ln_x.bias.to(wdt), LN_X_EPS)
         y = y.view(B, T, H * N).to(x.dtype) * g

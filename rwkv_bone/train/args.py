@@ -34,6 +34,7 @@ STRATEGIES = (
     "deepspeed_stage_3_offload",
 )
 # What --precision accepts, mapped to the two behaviours we implement (see `precision_mode`).
+WKV_BACKENDS = ("auto", "cuda", "fla", "chunked")  # = rwkv_bone.wkv.BACKENDS (not imported: keeps the CLI light)
 VALID_TASKS = ("none", "gsm8k", "math", "exact")
 PRECISIONS = {"bf16": "bf16", "bf16-mixed": "bf16", "fp32": "fp32", "32": "fp32", "32-true": "fp32"}
 
@@ -142,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--devices", type=int, default=1, help="devices (processes) per node")
     g.add_argument("--num_nodes", type=int, default=1, help="nodes")
     g.add_argument("--strategy", default="auto", choices=STRATEGIES, help="distribution strategy")
+    g.add_argument("--wkv_backend", default="auto", choices=WKV_BACKENDS,
+                   help="WKV op: auto = our CUDA kernel, else fla's Triton kernels (pip install .[fla]), else the "
+                        "chunked PyTorch path, each GPU kernel after its self-check; or force one")
 
     g = p.add_argument_group("run")
     g.add_argument("--proj_dir", default="out", help="output folder: checkpoints, logs, training state")

@@ -28,7 +28,13 @@ from .strategy import DEEPSPEED_STAGES, build_strategy, is_deepspeed, resolve_ac
 
 def load_base(args: argparse.Namespace):
     """(RWKV6Config, validated --load_model state dict or None): the checkpoint is read once, and
-    both the config and the model are built from that one (memory-mapped) state dict."""
+    both the config and the model are built from that one (memory-mapped) state dict. The config
+    carries --wkv_backend."""
+    config, sd = _base_dims(args)
+    return config.replace(wkv_backend=getattr(args, "wkv_backend", "auto")), sd
+
+
+def _base_dims(args: argparse.Namespace):
     from ..config import RWKV6Config
 
     if args.load_model:

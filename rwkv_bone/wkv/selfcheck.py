@@ -1,11 +1,12 @@
-"""The CUDA kernel checks itself: the first time it would run in a process (per device and
-dtype), it solves a small random problem next to the chunked PyTorch path on the same GPU.
+"""A GPU kernel (ours, cuda.py, or fla's, fla.py) checks itself: the first time it would run in a
+process (per kernel, device, dtype and head size), it solves a small random problem next to the chunked PyTorch path on the same GPU.
 
 The problem: B = 2, T = 45 (ragged: neither a multiple of the chunk length 32 nor of any block),
 H = 2, the kernel's head size, r, k, v ~ N(0, 1) in the dtype being used, decays w ~ U(-6, 1.5),
 a non-zero initial state, and random cotangents for y and the final state; solved twice, once
 plainly and once with document starts (row 0 marked at t = 0 and 20, row 1 at 33 only, so it
-also continues its initial state), i.e. through the zero-decay trick of resets.py. Compared:
+also continues its initial state), i.e. through the zero-decay trick of resets.py (or natively,
+for a kernel marked `takes_doc_start`, fla's). Compared:
 y, the final state and every gradient (r, k, v, w, u, initial state), each as
 max |kernel - chunked| / max(1, max |chunked|), against TOLERANCE[dtype] (fast-math float32
 accumulation; bf16 / fp16 rounding of y and of r, k, v gradients).
@@ -28,7 +29,7 @@ from .resets import wkv6_with_doc_starts
 TOLERANCE = {torch.float32: 2e-3, torch.bfloat16: 4e-2, torch.float16: 1e-2}
 NAMES = ("y", "state", "gr", "gk", "gv", "gw", "gu", "gstate")
 
-_verdicts: dict[tuple[str, torch.dtype], bool] = {}
+_verdicts: dict[tuple[str, str, torch.dtype, int], bool] = {}
 
 
 def _problem(device: torch.device, dtype: torch.dtype, head_size: int, seed: int = 0):
@@ -58,9 +59,10 @@ def _solve(op: Callable, inputs: list[Tensor], gy: Tensor, gs: Tensor, doc_start
 
 
 def doc_start_op(op: Callable) -> Callable:
-    """How wkv6 runs `op` with document starts: the chunked path natively, a kernel by zero decay."""
-    if op is wkv6_chunked:
-        return lambda r, k, v, w, u, s, ds: wkv6_chunked(r, k, v, w, u, s, doc_start=ds)
+    """How wkv6 runs `op` with document starts: the chunked path and a kernel marked
+    `takes_doc_start` natively, another kernel by zero decay."""
+    if op is wkv6_chunked or getattr(op, "takes_doc_start", False):
+        return lambda r, k, v, w, u, s, ds: op(r, k, v, w, u, s, doc_start=ds)
     return lambda r, k, v, w, u, s, ds: wkv6_with_doc_starts(op, r, k, v, w, u, s, ds)
 
 
@@ -81,9 +83,11 @@ def compare(kernel: Callable, device: torch.device, dtype: torch.dtype, head_siz
     return errors
 
 
-def kernel_trusted(kernel: Callable, device: torch.device, dtype: torch.dtype, head_size: int) -> bool:
-    """Whether `kernel` passed its self-check for (device, dtype); checks on first call."""
-    key = (str(device), dtype)
+def kernel_trusted(kernel: Callable, device: torch.device, dtype: torch.dtype, head_size: int,
+                   name: str = "CUDA kernel") -> bool:
+    """Whether `kernel` (called `name` in the warning) passed its self-check for (device, dtype,
+    head size); checks on first call."""
+    key = (name, str(device), dtype, head_size)
     if key in _verdicts:
         return _verdicts[key]
     tol = TOLERANCE.get(dtype, 2e-3)
@@ -96,12 +100,17 @@ def kernel_trusted(kernel: Callable, device: torch.device, dtype: torch.dtype, h
     _verdicts[key] = not bad
     if bad:
         warnings.warn(
-            f"\n{'!' * 78}\nwkv6: the CUDA kernel FAILED its self-check against the chunked PyTorch path on "
+            f"\n{'!' * 78}\nwkv6: the {name} FAILED its self-check against the chunked PyTorch path on "
             f"{device} in {dtype} (relative errors: {detail}; tolerance {tol:.0e}). Using the chunked "
             f"path for the rest of this run (slower, but correct).\n{'!' * 78}",
             RuntimeWarning, stacklevel=3,
         )
     return not bad
+
+
+def verdicts() -> dict[tuple[str, str, torch.dtype, int], bool]:
+    """The verdicts so far, keyed (kernel name, device, dtype, head size)."""
+    return dict(_verdicts)
 
 
 def forget() -> None:
