@@ -6,11 +6,14 @@ peft.adapter_io.merge_state_dict computes it (each adapter's registry `merged(W,
 float32, cast back to the base dtype after each adapter, so several adapters give the same bits),
 one layer at a time:
 
-- .pth output: torch.save needs every tensor at once, so each merged weight is written into its
-  own slice of a scratch file mapped MAP_SHARED (np.memmap) next to the output; those pages are
-  file-backed, not anonymous, and the scratch file is removed afterwards.
+- .pth output: torch.save needs every tensor at once, so it is run under
+  torch.serialization.skip_data with an untouched torch.empty placeholder for each merged weight:
+  that writes the zip layout with room for every storage, which a second pass fills in order.
+  (On a torch without skip_data, each merged weight goes into its own slice of a MAP_SHARED
+  scratch file next to the output, file-backed pages, then one ordinary torch.save.)
 - .safetensors output: the header is known from the shapes alone, so tensors are merged and
-  written one after another with no scratch file.
+  written one after another.
+In both, a writer thread writes tensor i while the next one is merged.
 
 Every output tensor is checked for NaN/inf as it passes; the output is written atomically (a
 refused or failed merge leaves no file behind, an existing one is replaced only by a whole file).
@@ -19,10 +22,13 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import struct
 import tempfile
+import threading
+import zipfile
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -96,7 +102,93 @@ def _checked(key: str, t: Tensor, describe: Callable[[str, Tensor], str]) -> Ten
     return t
 
 
+def _pipelined_write(f, jobs: Iterator[tuple[int | None, Tensor]]) -> None:
+    """Write each (file offset or None for "here", tensor) that `jobs` yields; a writer thread
+    writes tensor i while this thread produces (merges) tensor i + 1 (file writes and torch ops
+    both release the GIL). At most two produced tensors wait in the queue."""
+    todo: queue.Queue = queue.Queue(maxsize=2)
+    failed: list[BaseException] = []
+
+    def writer() -> None:
+        while (job := todo.get()) is not None:
+            try:
+                if not failed:
+                    if job[0] is not None:
+                        f.seek(job[0])
+                    f.write(job[1].contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the producing thread
+                failed.append(e)
+            del job
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        for job in jobs:
+            if failed:
+                break
+            todo.put(job)
+    finally:
+        todo.put(None)
+        thread.join()
+    if failed:
+        raise failed[0]
+
+
+def _zip_record_offsets(path: str) -> dict[str, tuple[int, int]]:
+    """{record name: (offset of its bytes, size)} of the uncompressed zip torch.save writes."""
+    with zipfile.ZipFile(path) as z, open(path, "rb") as f:
+        out = {}
+        for info in z.infolist():
+            f.seek(info.header_offset)
+            local = f.read(30)
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            out[info.filename] = (info.header_offset + 30 + name_len + extra_len, info.file_size)
+    return out
+
+
 def _write_pth(recipes: dict[str, _Recipe], output: str, describe: Callable[[str, Tensor], str]) -> None:
+    """torch.save under skip_data writes the file's layout with room for every storage; a second
+    pass fills that room in order, merging each adapted weight just before its bytes are due.
+    A merged weight's placeholder is torch.empty (untouched pages: no memory)."""
+    from .cli import write_atomic
+
+    if not hasattr(torch.serialization, "skip_data"):   # torch < 2.5
+        _write_pth_scratch(recipes, output, describe)
+        return
+    out = {k: torch.empty(r.start.shape, dtype=r.start.dtype) if r.ops else r.start for k, r in recipes.items()}
+
+    def jobs(offsets: dict[int, tuple[int, int]]) -> Iterator[tuple[int | None, Tensor]]:
+        seen: dict[int, int] = {}   # storage -> its record number (torch.save numbers them in order)
+        for key, r in recipes.items():
+            storage = out[key].untyped_storage()
+            first = storage._cdata not in seen
+            index = seen.setdefault(storage._cdata, len(seen))
+            offset, size = offsets[index]
+            if size != storage.nbytes():
+                raise RuntimeError(f"torch.save record {index} holds {size} bytes, not {key}'s {storage.nbytes()}")
+            if r.ops:
+                yield offset, _checked(key, r.materialise(), describe)
+                _release_freed_memory()
+            else:
+                _checked(key, out[key], describe)
+                if first:
+                    yield offset, torch.empty(0, dtype=torch.uint8).set_(storage)
+
+    def write(tmp: str) -> None:
+        with torch.serialization.skip_data():
+            torch.save(out, tmp)
+        records = _zip_record_offsets(tmp)
+        offsets = {int(name.rsplit("/", 1)[1]): v for name, v in records.items()
+                   if name.rsplit("/", 2)[-2:-1] == ["data"]}
+        with open(tmp, "r+b") as f:
+            _pipelined_write(f, jobs(offsets))
+
+    write_atomic(output, write)
+
+
+def _write_pth_scratch(recipes: dict[str, _Recipe], output: str, describe: Callable[[str, Tensor], str]) -> None:
+    """The fallback for a torch without skip_data: each merged weight is written into its own slice
+    of a scratch file mapped MAP_SHARED (file-backed pages), then one torch.save."""
     from .cli import torch_save_atomic
 
     merged = [k for k, r in recipes.items() if r.ops and r.start.numel()]
@@ -144,17 +236,17 @@ def _write_safetensors(recipes: dict[str, _Recipe], output: str, describe: Calla
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data section starts 8-byte aligned
 
+    def jobs() -> Iterator[tuple[int | None, Tensor]]:
+        for key, r in recipes.items():
+            yield None, _checked(key, r.materialise(), describe)
+            if r.ops:
+                _release_freed_memory()
+
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(text)))
             f.write(text)
-            for key, r in recipes.items():
-                t = _checked(key, r.materialise(), describe)
-                f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
-                if r.ops:
-                    del t
-                    _release_freed_memory()
-            f.flush()
+            _pipelined_write(f, jobs())
 
     write_atomic(output, write)
 

@@ -72,7 +72,10 @@ def test_streamed_merge_equals_the_in_memory_merge_bit_for_bit(tmp_path, tiny_ch
     assert_bitwise_equal(torch.load(tmp_path / "m.pth", weights_only=True), old_merge(base, [adapter]))
 
 
-def test_several_adapters_fold_in_order_like_the_in_memory_merge(tmp_path, tiny_checkpoint):
+@pytest.mark.parametrize("skip_data", [True, False], ids=["skip_data", "scratch"])
+def test_several_adapters_fold_in_order_like_the_in_memory_merge(tmp_path, tiny_checkpoint, monkeypatch, skip_data):
+    if not skip_data:   # the fallback .pth writer of a torch without serialization.skip_data
+        monkeypatch.delattr(torch.serialization, "skip_data")
     base = tiny_checkpoint("base.pth", dtype=torch.bfloat16)
     adapters = [write_adapter(tmp_path / "bone.pth", "bone", seed=1, parts=("time",), bone_b=32),
                 write_adapter(tmp_path / "lora.pth", "lora", seed=2, lora_r=4, lora_alpha=8),
@@ -81,6 +84,8 @@ def test_several_adapters_fold_in_order_like_the_in_memory_merge(tmp_path, tiny_
     want = old_merge(base, adapters)
     merge_checkpoint(base, adapters, tmp_path / "m.pth")
     assert_bitwise_equal(torch.load(tmp_path / "m.pth", weights_only=True), want)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.pth", "bone.pth", "lora.pth", "m.pth",
+                                                          "miss.pth", "state.pth"]   # no scratch left
     merge_checkpoint(base, adapters, tmp_path / "m.safetensors")
     assert_bitwise_equal(load_state_dict(tmp_path / "m.safetensors"), want)
 
