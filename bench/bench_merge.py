@@ -8,7 +8,9 @@ all a merge's cost depends on) and a Bone-row adapter on every default target, i
 folder under --dir (outside the repository), then runs each case in a fresh subprocess:
   copy        torch.load(mmap=True) + torch.save: the floor a merge cannot beat
   old_merge   load_state_dict + merge_state_dict + first_non_finite + torch.save (merge.py today)
-  streamed    rwkv_bone.merging.merge_checkpoint to .pth, and to .safetensors
+  streamed    rwkv_bone.merging.merge_checkpoint to .pth, and to .safetensors (streamed_st)
+  merge_only  the adapter arithmetic alone (registry merged() for every adapted weight, no output)
+  read_config rwkv_bone.checkpoint.read_config: the shapes-only read a dry run does
   old_dry     the former dry run: load_state_dict (values checked) + config from it
   dry_run     train.run(--load_model BASE --dry_run): shapes only
 Reported per case: wall seconds of the subprocess (Python + torch start-up included), inner_s (the
@@ -88,6 +90,17 @@ def _case(case: str, base: str, out: str, bone_b: int) -> None:
         from rwkv_bone.merging import merge_checkpoint
 
         merge_checkpoint(base, [bone_adapter(base, bone_b)], out)
+    elif case == "merge_only":   # the adapter arithmetic alone: every merged weight, nothing written
+        from rwkv_bone.checkpoint import load_state_dict
+        from rwkv_bone.merging import plan_merge
+
+        for r in plan_merge(load_state_dict(base, check_finite=False), [bone_adapter(base, bone_b)]).values():
+            if r.ops:
+                r.materialise()
+    elif case == "read_config":
+        from rwkv_bone.checkpoint import read_config
+
+        print(read_config(base))
     elif case == "old_dry":
         from rwkv_bone.checkpoint import load_state_dict
         from rwkv_bone.config import RWKV6Config
@@ -140,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vocab", type=int, default=65536)
     ap.add_argument("--bone_b", type=int, default=64)
     ap.add_argument("--dir", default=tempfile.gettempdir(), help="where the temporary files go (not the repo)")
-    ap.add_argument("--cases", default="copy,old_merge,streamed,streamed_st,old_dry,dry_run")
+    ap.add_argument("--cases", default="copy,old_merge,streamed,streamed_st,merge_only,old_dry,read_config,dry_run")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--base", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
