@@ -16,6 +16,11 @@ folder under --dir (outside the repository), then runs each case in a fresh subp
 Reported per case: wall seconds of the subprocess (Python + torch start-up included), inner_s (the
 case alone, after `import torch`; the rwkv_bone / lightning imports it needs are inside), and peak
 anonymous memory (RssAnon sampled every 10 ms from the parent). Everything written is deleted at the end.
+
+Measured at L24 C2048 (2.98 GiB, bench/results/bench_merge_1.6b.txt; 2 shared cores, noisy): copy 9.9 s
+/ 0.14 GB; old merge 25-31 s / 4.1 GB; streamed .pth 25 s / 0.47 GB (0.16x the checkpoint); the
+Bone arithmetic alone (merge_only) 13 s, so the merge is compute-bound here; dry run 5-9 s / 0.28 GB
+of which read_config is 0.08 s (the rest: Python, torch and Lightning start-up).
 """
 from __future__ import annotations
 
