@@ -1,13 +1,20 @@
 """Reading official RWKV-6 checkpoints: load, strip wrapper prefixes, recognise other RWKV
 generations, and validate every key and shape against the layout the shapes themselves imply.
 
+Both .pth (torch.save zip, memory-mapped) and .safetensors files are read without copying: every
+tensor is a view of a file-backed mapping, so loading costs page cache, not anonymous memory, and
+nothing is read from disk until a tensor's values are used. `read_shapes` / `read_config` validate
+a checkpoint from its shapes alone (a dry run never touches the weights).
+
 Each refusal is one sentence saying what was found and what was expected (a UserError).
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
+import struct
 import zipfile
 from typing import Mapping
 
@@ -41,6 +48,83 @@ def _torch_load(path: str) -> object:
         raise
     except Exception:  # anything else: not a torch checkpoint, or a truncated/corrupt one
         raise UserError(_not_torch(path)) from None
+
+
+# safetensors dtype names -> torch dtypes (the ones a model checkpoint can hold).
+SAFETENSORS_DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+# Largest header a safetensors file may declare (the format's own limit is 100 MB).
+_MAX_HEADER = 100_000_000
+
+
+def is_safetensors(path: str | os.PathLike) -> bool:
+    return os.fspath(path).endswith(".safetensors")
+
+
+def safetensors_header(path: str) -> tuple[int, dict]:
+    """(offset of the data section, {key: {"dtype", "shape", "data_offsets"}}) of a .safetensors
+    file, checked against the file size; raises UserError for anything malformed."""
+    bad = UserError(f"{path} is not a readable safetensors checkpoint (truncated, corrupt or another "
+                    "format); expected an RWKV-6 .safetensors or .pth")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad
+        (n,) = struct.unpack("<Q", head)
+        if n > min(_MAX_HEADER, size - 8):
+            raise bad
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise bad from None
+    if not isinstance(header, dict):
+        raise bad
+    header.pop("__metadata__", None)
+    data_size = size - 8 - n
+    for key, entry in header.items():
+        try:
+            begin, end = (int(x) for x in entry["data_offsets"])
+            shape = [int(d) for d in entry["shape"]]
+            itemsize = torch.empty((), dtype=SAFETENSORS_DTYPES[entry["dtype"]]).element_size()
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{path} tensor {key} has an unreadable or unsupported entry "
+                            f"{entry!r}; expected a safetensors checkpoint of float/int tensors") from None
+        numel = 1
+        for d in shape:
+            numel *= d
+        if not 0 <= begin <= end <= data_size or end - begin != numel * itemsize:
+            raise bad
+    return 8 + n, header
+
+
+def _safetensors_load(path: str) -> dict[str, Tensor]:
+    """Every tensor of a .safetensors file as a view of one private file mapping (no copy)."""
+    start, header = safetensors_header(path)
+    size = os.path.getsize(path)
+    if not header:
+        return {}
+    # MAP_PRIVATE mapping: pages stay file-backed until written (nothing here writes them).
+    raw = torch.from_file(path, shared=False, size=size, dtype=torch.uint8)
+    out = {}
+    for key, entry in header.items():
+        begin, end = entry["data_offsets"]
+        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+        chunk = raw[start + begin:start + end]
+        if (start + begin) % chunk.new_empty((), dtype=dtype).element_size():
+            chunk = chunk.clone()  # a misaligned tensor cannot be viewed in place
+        out[key] = chunk.view(dtype).view(entry["shape"])
+    return out
+
+
+def _safetensors_shapes(path: str) -> dict[str, Tensor]:
+    """The header of a .safetensors file as meta tensors (shapes and dtypes, no data)."""
+    header = safetensors_header(path)[1]
+    return {k: torch.empty(e["shape"], dtype=SAFETENSORS_DTYPES[e["dtype"]], device="meta")
+            for k, e in header.items()}
 
 
 def _not_torch(path: str) -> str:
@@ -95,15 +179,36 @@ def adapter_not_model(source: str) -> str:
             "model it was trained on, and pass the adapter with --adapter (generate.py, merge.py)")
 
 
-def first_non_finite(tensors: Mapping[str, object]) -> str | None:
-    """The first key whose floating-point tensor holds a NaN or an infinity, else None.
+# Elements per float64 partial sum in is_finite: bounds the temporary a bf16 tensor is widened into
+# (32 MB) so checking a 7B checkpoint never allocates a float64 copy of its largest tensor.
+FINITE_CHUNK = 1 << 22
 
-    One float64 sum per tensor: finite values (|x| < 3.4e38, fewer than 2^53 of them) can never
-    overflow a float64 sum, so the sum is finite exactly when every element is."""
+
+def is_finite(t: Tensor) -> bool:
+    """True when no element of a floating-point tensor is NaN or infinite (always for others).
+
+    Per chunk, a float32 sum first (fast): a NaN or an infinity always makes it non-finite, so a
+    finite sum clears the chunk. Only a non-finite one is settled by a float64 sum: finite values
+    (|x| < 3.4e38, fewer than 2^53 of them) can never overflow a float64 sum, so that sum is
+    finite exactly when every element is."""
+    if not (t.is_floating_point() or t.is_complex()) or not t.numel():
+        return True
+    acc = torch.complex128 if t.is_complex() else torch.float64
+    flat = t.reshape(-1)
+    for i in range(0, flat.numel(), FINITE_CHUNK):
+        chunk = flat[i:i + FINITE_CHUNK]
+        if not t.is_complex() and torch.isfinite(chunk.sum(dtype=torch.float32)):
+            continue
+        if not torch.isfinite(chunk.sum(dtype=acc)):
+            return False
+    return True
+
+
+def first_non_finite(tensors: Mapping[str, object]) -> str | None:
+    """The first key whose floating-point tensor holds a NaN or an infinity, else None."""
     for key, t in tensors.items():
-        if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex()) and t.numel():
-            if not torch.isfinite(t.sum(dtype=torch.complex128 if t.is_complex() else torch.float64)):
-                return key
+        if isinstance(t, Tensor) and not is_finite(t):
+            return key
     return None
 
 
@@ -168,17 +273,21 @@ def validate_state_dict(sd: Mapping[str, Tensor], allow_extra_keys: bool = False
     return config
 
 
-def load_state_dict(path: str | os.PathLike, allow_extra_keys: bool = False) -> dict[str, Tensor]:
-    """Read an RWKV-6 .pth into a prefix-stripped, validated state dict (tensors memory-mapped when
-    possible); raise UserError for missing files, non-torch files, other model generations, adapter
-    files and weights holding NaN/inf."""
+def _resolve(path: str | os.PathLike) -> str:
     path = os.fspath(path)
     if not os.path.exists(path) and os.path.isfile(path + ".pth"):
         path += ".pth"  # the `rwkv` package convention: a model named without its .pth suffix
     if not os.path.exists(path):
-        raise UserError(f"checkpoint {path} does not exist; check the path (an RWKV-6 .pth file)")
+        raise UserError(f"checkpoint {path} does not exist; check the path (an RWKV-6 .pth or .safetensors file)")
     if os.path.isdir(path):
         raise UserError(f"checkpoint {path} is a folder; pass the .pth file itself")
+    return path
+
+
+def _read(path: str, shapes_only: bool) -> dict[str, Tensor]:
+    """The prefix-stripped tensors of a .pth / .safetensors file (mapped, or meta when shapes_only)."""
+    if is_safetensors(path):
+        return strip_prefixes(_safetensors_shapes(path) if shapes_only else _safetensors_load(path))
     obj = _torch_load(path)
     if isinstance(obj, dict):
         # Lightning .ckpt keeps the weights under "state_dict", DeepSpeed under "module".
@@ -189,8 +298,38 @@ def load_state_dict(path: str | os.PathLike, allow_extra_keys: bool = False) -> 
     if not isinstance(obj, dict):
         raise UserError(f"{path} holds a {type(obj).__name__}, not a state dict; expected an RWKV-6 .pth")
     sd = strip_prefixes(obj)
-    validate_state_dict(sd, allow_extra_keys=allow_extra_keys, source=path)
-    bad = first_non_finite(sd)
-    if bad is not None:
-        raise UserError(non_finite_message(path, bad))
+    if shapes_only:  # the mapped file is never read: only shapes and dtypes are kept
+        sd = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") if isinstance(v, Tensor) else v
+              for k, v in sd.items()}
     return sd
+
+
+def load_state_dict(path: str | os.PathLike, allow_extra_keys: bool = False,
+                    check_finite: bool = True) -> dict[str, Tensor]:
+    """Read an RWKV-6 .pth or .safetensors into a prefix-stripped, validated state dict (tensors
+    memory-mapped, not copied); raise UserError for missing files, unreadable files, other model
+    generations, adapter files and (unless check_finite is False: a caller that checks every tensor
+    as it streams them) weights holding NaN/inf."""
+    path = _resolve(path)
+    sd = _read(path, shapes_only=False)
+    validate_state_dict(sd, allow_extra_keys=allow_extra_keys, source=path)
+    if check_finite:
+        bad = first_non_finite(sd)
+        if bad is not None:
+            raise UserError(non_finite_message(path, bad))
+    return sd
+
+
+def read_shapes(path: str | os.PathLike, allow_extra_keys: bool = False) -> dict[str, tuple[int, ...]]:
+    """{key: shape} of an RWKV-6 checkpoint, validated like load_state_dict but from the shapes alone:
+    no weight is read (the values are not checked for NaN/inf)."""
+    path = _resolve(path)
+    sd = _read(path, shapes_only=True)
+    validate_state_dict(sd, allow_extra_keys=allow_extra_keys, source=path)
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def read_config(path: str | os.PathLike) -> RWKV6Config:
+    """The RWKV6Config a checkpoint's shapes imply (validated; no weight is read)."""
+    path = _resolve(path)
+    return validate_state_dict(_read(path, shapes_only=True), allow_extra_keys=False, source=path)

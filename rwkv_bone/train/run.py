@@ -69,7 +69,14 @@ def count_params(config, args: argparse.Namespace) -> int:
 
 
 def dry_run(args: argparse.Namespace) -> int:
-    config = model_config(args)
+    """Print the architecture and trainable count; a --load_model checkpoint is read for its shapes
+    only (validated, no weight touched), so a 7B dry run takes seconds and no memory."""
+    if args.load_model:
+        from ..checkpoint import read_config
+
+        config = read_config(args.load_model)
+    else:
+        config = model_config(args)
     n = count_params(config, args)
     print(f"model: {describe(config)}")
     print(f"method: {A.method_label(args)}" + (f" + {args.train_parts}" if args.train_parts else ""))
