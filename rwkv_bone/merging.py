@@ -150,7 +150,7 @@ def _write_pth(recipes: dict[str, _Recipe], output: str, describe: Callable[[str
     """torch.save under skip_data writes the file's layout with room for every storage; a second
     pass fills that room in order, merging each adapted weight just before its bytes are due.
     A merged weight's placeholder is torch.empty (untouched pages: no memory)."""
-    from .cli import write_atomic
+    from .atomic import write_atomic
 
     if not hasattr(torch.serialization, "skip_data"):   # torch < 2.5
         _write_pth_scratch(recipes, output, describe)
@@ -189,7 +189,7 @@ def _write_pth(recipes: dict[str, _Recipe], output: str, describe: Callable[[str
 def _write_pth_scratch(recipes: dict[str, _Recipe], output: str, describe: Callable[[str, Tensor], str]) -> None:
     """The fallback for a torch without skip_data: each merged weight is written into its own slice
     of a scratch file mapped MAP_SHARED (file-backed pages), then one torch.save."""
-    from .cli import torch_save_atomic
+    from .atomic import torch_save_atomic
 
     merged = [k for k, r in recipes.items() if r.ops and r.start.numel()]
     sizes = {k: recipes[k].start.numel() * recipes[k].start.element_size() for k in merged}
@@ -221,7 +221,7 @@ def _write_pth_scratch(recipes: dict[str, _Recipe], output: str, describe: Calla
 
 
 def _write_safetensors(recipes: dict[str, _Recipe], output: str, describe: Callable[[str, Tensor], str]) -> None:
-    from .cli import write_atomic
+    from .atomic import write_atomic
 
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
@@ -258,7 +258,7 @@ def merge_checkpoint(base_path: str | os.PathLike, adapters: Sequence[AdapterFil
     the checkpoint at `base_path` (.pth or .safetensors) and write `output_path` (.safetensors when
     it ends so, else .pth) with the same bits merge_state_dict would give; returns the parsed
     adapters. Anonymous memory stays at about one merged layer."""
-    from .cli import check_writable_dir
+    from .atomic import check_writable_dir
 
     base_path, output_path = os.fspath(base_path), os.fspath(output_path)
     if os.path.isdir(output_path):

@@ -19,7 +19,7 @@ import argparse
 import os
 from typing import Optional
 
-from ..atomic import check_writable_dir, torch_save_atomic
+from ..atomic import check_writable_dir
 from ..errors import UserError
 from .args import add_adapter_args, add_model_arg
 
@@ -30,7 +30,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                   help="the base RWKV-6 checkpoint (.pth) the adapter was trained on (--base: the same)")
     add_adapter_args(p, required=True,
                      help="the adapter from train.py, RWKV-PEFT or HF PEFT (file or folder); repeatable")
-    p.add_argument("--output", required=True, help="where to write the merged RWKV-6 checkpoint (.pth)")
+    p.add_argument("--output", required=True,
+                   help="where to write the merged RWKV-6 checkpoint (.pth; .safetensors when it ends so)")
     return p
 
 
@@ -57,17 +58,14 @@ def check_output(args: argparse.Namespace) -> None:
 
 def main(argv: Optional[list[str]] = None, prog: Optional[str] = None) -> int:
     args = parse_args(argv, prog)
-    from ..checkpoint import load_state_dict
-    from ..loading import fold_adapters, read_adapters
+    from ..loading import read_adapters
+    from ..merging import merge_checkpoint
     from ..peft.registry import get_method
 
     check_output(args)
     files = read_adapters(args.adapter, args.lora_alpha, args.pissa_init)
-    base = load_state_dict(args.base)
-    merged = fold_adapters(base, files, lambda bad: (
-        f"merging {', '.join(args.adapter)} into {args.base} gives NaN or infinite values in "
-        f"{bad} (adapter values too large for the base's {base[bad].dtype}?); nothing was written"))
-    torch_save_atomic(merged, args.output)
+    # Streamed from the memory-mapped base, one merged layer at a time (rwkv_bone/merging.py).
+    merge_checkpoint(args.base, files, args.output)
     for af in files:
         parts = [f"{len(af.layers)} {get_method(af.meta['method']).label(af.meta)} layers"] if af.layers else []
         parts += [f"{len(af.states)} learned initial states"] if af.states else []
