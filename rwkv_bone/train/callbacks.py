@@ -149,7 +149,7 @@ class RunRecorder(pl.Callback):
         if trainer.world_size > 1:
             real = int(trainer.strategy.reduce(torch.tensor(float(real), device=pl_module.device), reduce_op="sum"))
         kts = real / max(now - self.t_last, 1e-9) / 1000
-        lr = pl_module.args.lr_init if not trainer.optimizers else trainer.optimizers[0].param_groups[0]["lr"]
+        lr = pl_module.optim.lr_init if not trainer.optimizers else trainer.optimizers[0].param_groups[0]["lr"]
         pl_module.log("kt/s", kts, prog_bar=True, logger=False, on_step=True, on_epoch=False, rank_zero_only=True)
         self.epoch_loss_sum += loss
         self.epoch_loss_count += 1

@@ -23,6 +23,7 @@ from ..errors import UserError
 from . import args as A
 from . import checkpoints as ck
 from .callbacks import RunRecorder, epoch_file, write_run_settings
+from .config import TrainConfig
 from .strategy import DEEPSPEED_STAGES, build_strategy, is_deepspeed, resolve_accelerator
 
 
@@ -250,9 +251,10 @@ def build_run(args: argparse.Namespace) -> TrainRun | None:
         print(f"steps {start_step} -> {total_steps}, {tokens_per_step:,} tokens per step, "
               f"strategy {args.strategy} on {accelerator}, precision {A.precision_mode(args)}")
 
+    cfg = TrainConfig.from_args(args)
     offload = deepspeed_on and DEEPSPEED_STAGES[args.strategy][1]
-    module = RWKVTrainModule(model, args, start_step=start_step, total_steps=total_steps,
-                             optimizer_state=optimizer_state, offload_optimizer=offload,
+    module = RWKVTrainModule(model, cfg.optim, cfg.data, seed=cfg.run.random_seed, start_step=start_step,
+                             total_steps=total_steps, optimizer_state=optimizer_state, offload_optimizer=offload,
                              autocast_bf16=bf16 and not deepspeed_on)
     module.sampler = sampler
     run_name = f"rwkv6-{args.model_preset or f'L{config.n_layer}-D{config.n_embd}'} " \
@@ -265,7 +267,7 @@ def build_run(args: argparse.Namespace) -> TrainRun | None:
     if args.valid_data:
         from .validate import Validator
 
-        callbacks.insert(0, Validator(args, total_steps))  # before the recorder, which writes its numbers
+        callbacks.insert(0, Validator(cfg.valid, cfg.data, cfg.run, total_steps))  # before the recorder, which writes its numbers
     trainer = pl.Trainer(
         accelerator=accelerator,
         devices=args.devices,
