@@ -23,7 +23,7 @@ VALID_COLUMNS = ("valid_loss", "valid_ppl", "valid_acc")
 
 class Validator(pl.Callback):
     """Computes the validation numbers on the steps it is due and leaves them in
-    `pl_module.valid_metrics` for RunRecorder (listed after it) to write."""
+    `pl_module.valid_metrics` for the MetricsLogger (listed after it) to write."""
 
     def __init__(self, valid: ValidConfig, data: DataConfig, run: RunConfig, total_steps: int) -> None:
         from ..data.tokenizer import load_tokenizer
