@@ -60,3 +60,27 @@ def test_validation_flags_are_checked(tmp_path, byte_vocab):
         parse_args(_flags(tmp_path, byte_vocab, "--valid_data", str(tmp_path / "sft"), "--valid_task", "math"))
     with pytest.raises(UserError, match="--valid_limit"):
         parse_args(_flags(tmp_path, byte_vocab, "--valid_data", "x.jsonl", "--valid_limit", "0"))
+
+
+@pytest.mark.parametrize("template", [None, "Q: {prompt}\nA:"])
+def test_validation_renders_records_with_make_data_template(tmp_path, byte_vocab, template):
+    """Validation on a .jsonl sees the same tokens and masks as make_data writes with that template."""
+    from types import SimpleNamespace
+
+    from rwkv_bone.data.binidx import MMapIndexedDataset, load_masks
+    from rwkv_bone.train.validate import Validator
+
+    data = tmp_path / "valid.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECS))
+    kw = {} if template is None else {"prompt_template": template}
+    prepare(PrepareOptions(input=str(data), output=str(tmp_path / "sft"), tokenizer=str(byte_vocab),
+                           prompt_field="question", response_field="answer", workers=1, progress=False, **kw))
+    valid = SimpleNamespace(valid_tokenizer=str(byte_vocab), valid_data=str(data), valid_task="gsm8k",
+                            valid_limit=3)
+    v = Validator(valid, None, None, total_steps=4, **kw)
+    tokens = MMapIndexedDataset(str(tmp_path / "sft"))
+    masks = load_masks(str(tmp_path / "sft"), tokens)
+    for i, (t, m) in enumerate(v.docs):
+        assert t.tolist() == tokens.get(i).tolist() and m.tolist() == masks.get(i).tolist()
+    head = (template or "User: {prompt}\n\nAssistant:").split("{prompt}")[0]
+    assert all(r.prompt.startswith(head) for r in v.records)

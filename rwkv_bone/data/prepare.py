@@ -39,7 +39,6 @@ seeded random order (--seed); --shuffle shuffles a single epoch too.
 from __future__ import annotations
 
 import gc
-import json
 import multiprocessing as mp
 import os
 import signal
@@ -54,11 +53,12 @@ import numpy as np
 from ..cli import atomic_path, check_writable_dir
 from ..errors import UserError
 from .binidx import MAX_ITEM, BinIdxWriter, MMapIndexedDataset, magic_prime, split_prefix
+from .records import (DEFAULT_PROMPT_TEMPLATE, DEFAULT_RESPONSE_TEMPLATE, FORMATS, RecordError,
+                      RecordFormat, check_templates, encode_text)
 from .tokenizer import EOD_ID, Tokenizer, load_tokenizer, token_dtype
 
-DEFAULT_PROMPT_TEMPLATE = "User: {prompt}\n\nAssistant:"
-DEFAULT_RESPONSE_TEMPLATE = " {response}"
-FORMATS = ("auto", "text", "qa", "alpaca")
+__all__ = ["DEFAULT_PROMPT_TEMPLATE", "DEFAULT_RESPONSE_TEMPLATE", "FORMATS", "TXT_MODES",
+           "PrepareOptions", "PrepareResult", "prepare", "record_format"]
 TXT_MODES = ("blocks", "lines", "whole")
 _BOM = b"\xef\xbb\xbf"
 
@@ -114,10 +114,6 @@ class PrepareResult:
                 f"--magic_prime {self.magic_prime} --my_exit_tokens {self.tokens}")
 
 
-class _Bad(Exception):
-    """One record that cannot be used; reported as '<file> line <n>: <message>'."""
-
-
 @dataclass
 class _Encoded:
     tokens: np.ndarray                  # (T,) all documents of the batch, 0 after each
@@ -127,74 +123,28 @@ class _Encoded:
     nbytes: int
 
 
+def record_format(o: PrepareOptions) -> RecordFormat:
+    """The record format (fields, templates) that make_data's options describe."""
+    return RecordFormat(o.format, o.text_field, o.prompt_field, o.response_field, o.instruction_field,
+                        o.input_field, o.output_field, o.prompt_template, o.response_template)
+
+
 class _Encoder:
     """Turns raw records into token ids (and masks). Lives in every worker process."""
 
     def __init__(self, tok: Tokenizer, opts: PrepareOptions, kind: str,
                  dtype: np.dtype):
         self.tok, self.o, self.kind, self.dtype = tok, opts, kind, dtype
-
-    def _field(self, rec: dict, name: str, optional: bool = False) -> str:
-        value = rec.get(name)
-        if value is None and optional:
-            return ""
-        if name not in rec:
-            raise _Bad(f"missing field '{name}' (other names: --text_field, --prompt_field, "
-                       "--response_field, ...; or another --format)")
-        if not isinstance(value, str):
-            raise _Bad(f"field '{name}' is {type(value).__name__}, not a string")
-        return value
+        self.fmt = record_format(opts)
 
     def _parse(self, text: str) -> tuple[str | None, str]:
         """(prompt or None, body) of one record."""
         if self.kind == "txt":
             return None, text
-        try:
-            rec = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise _Bad(f"invalid JSON ({e.msg}, column {e.colno})") from None
-        if not isinstance(rec, dict):
-            raise _Bad(f"a record must be a JSON object {{...}}, not {type(rec).__name__}")
-        o, fmt = self.o, self.o.format
-        if fmt == "auto":
-            if o.text_field in rec:
-                fmt = "text"
-            elif o.prompt_field in rec and o.response_field in rec:
-                fmt = "qa"
-            elif o.instruction_field in rec and o.output_field in rec:
-                fmt = "alpaca"
-            else:
-                raise _Bad(f"record has no '{o.text_field}' field, nor '{o.prompt_field}' + "
-                           f"'{o.response_field}', nor '{o.instruction_field}' + "
-                           f"'{o.output_field}' (other names: --text_field, "
-                           "--prompt_field, --response_field, ...)")
-        if fmt == "text":
-            return None, self._field(rec, o.text_field)
-        if fmt == "qa":
-            prompt, response = self._field(rec, o.prompt_field), self._field(rec, o.response_field)
-        else:
-            prompt = self._field(rec, o.instruction_field)
-            extra = self._field(rec, o.input_field, optional=True)
-            prompt = prompt + "\n" + extra if extra else prompt
-            response = self._field(rec, o.output_field)
-        return (o.prompt_template.replace("{prompt}", prompt),
-                o.response_template.replace("{response}", response))
+        return self.fmt.render_line(text)
 
     def _encode(self, text: str) -> list[int]:
-        try:
-            return self.tok.encode(text)
-        except Exception as exc:
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise _Bad(f"text contains an unpaired surrogate ({text[e.start]!r}) that is "
-                           "not valid Unicode") from None
-            # Valid text the tokenizer cannot encode: the tokenizer is broken, not the record
-            # (a UserError crosses the worker pool intact and stops the run).
-            name = self.o.tokenizer or "RWKV World (rwkv_vocab_v20230424)"
-            reason = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
-            raise UserError(f"the tokenizer {name} failed to encode the text ({reason}); fix the "
-                            "tokenizer file or choose another --tokenizer") from None
+        return encode_text(self.tok, text, self.o.tokenizer)
 
     def encode_batch(self, batch: tuple[list[tuple[int, bytes]], int]) -> _Encoded:
         records, nbytes = batch
@@ -209,16 +159,16 @@ class _Encoder:
                 except UnicodeDecodeError as e:
                     line = lineno + raw.count(b"\n", 0, e.start)
                     col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
-                    raise _Bad(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {col}); "
-                               "re-encode the file as UTF-8", line) from None
+                    raise RecordError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {col}); "
+                                      "re-encode the file as UTF-8", line) from None
                 prompt, body = self._parse(text)
                 p_ids = self._encode(prompt) if prompt is not None else []
                 b_ids = self._encode(body)
                 size = len(p_ids) + len(b_ids) + 1
                 if size > MAX_ITEM:
-                    raise _Bad(f"document of {size} tokens exceeds the binidx limit of {MAX_ITEM}")
-            except _Bad as e:
-                errors.append((e.args[1] if len(e.args) > 1 else lineno, e.args[0]))
+                    raise RecordError(f"document of {size} tokens exceeds the binidx limit of {MAX_ITEM}")
+            except RecordError as e:
+                errors.append((e.line or lineno, e.message))
                 continue
             if prompt is not None:
                 prompts.append((len(ids), len(p_ids)))
@@ -323,10 +273,7 @@ def _check_options(o: PrepareOptions) -> str:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {o.format!r}")
     if o.txt_mode not in TXT_MODES:
         raise UserError(f"--txt_mode must be one of {', '.join(TXT_MODES)}, got {o.txt_mode!r}")
-    if "{prompt}" not in o.prompt_template:
-        raise UserError("--prompt_template must contain {prompt}")
-    if "{response}" not in o.response_template:
-        raise UserError("--response_template must contain {response}")
+    check_templates(o.prompt_template, o.response_template)
     if o.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {o.epochs}")
     if o.workers is not None and o.workers < 1:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import random
 from typing import Sequence
 
-from .tokenizer import WorldVocab, world_vocab
+from .world_vocab import WorldVocab, world_vocab
 
 
 def probe_text() -> str:

@@ -4,12 +4,11 @@ Each document d (its tokens, 0 at the end) with loss mask m (1 on response token
 as make_data writes it) contributes the targets y = d[1:] where m[1:] = 1:
     loss = sum over documents and targets of -log p(y_t | d[:t+1]) / (number of such targets)
     perplexity = exp(loss)
-Documents come from a .jsonl (tokenised here by make_data's own encoder, so tokens and masks equal
-what training saw) or from a make_data binidx prefix with its PREFIX.mask.bin/.idx.
+Documents come from a .jsonl (tokenised here by make_data's own record encoder in
+rwkv_bone.data.records, so tokens and masks equal what training saw) or from a make_data binidx prefix with its PREFIX.mask.bin/.idx.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Callable, Iterator, Optional
@@ -18,9 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.prepare import DEFAULT_PROMPT_TEMPLATE, PrepareOptions, _Bad, _Encoder
+from ..data.records import (DEFAULT_PROMPT_TEMPLATE, DEFAULT_RESPONSE_TEMPLATE, RecordError, RecordFormat,
+                            encode_record, eval_format, parse_json_record)
 from ..errors import UserError
-from .records import _layout
 
 LOSS_CHUNK = 512  # tokens per forward: bounds the (B, T, V) logits held at once
 
@@ -35,7 +34,6 @@ def docs_from_jsonl(path: str, tokenizer, *, prompt_field: Optional[str] = None,
     if not os.path.isfile(path):
         raise UserError(f"data file {path} does not exist; check the path")
     docs: list[Doc] = []
-    encoders: dict[tuple, _Encoder] = {}
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             if limit is not None and len(docs) >= limit:
@@ -44,31 +42,16 @@ def docs_from_jsonl(path: str, tokenizer, *, prompt_field: Optional[str] = None,
             if not raw.strip():
                 continue
             try:
-                try:
-                    rec = json.loads(raw)
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise _Bad(f"invalid JSON ({getattr(e, 'msg', e)})") from None
-                if not isinstance(rec, dict):
-                    raise _Bad(f"a record must be a JSON object {{...}}, not {type(rec).__name__}")
+                rec = parse_json_record(raw)
                 if "text" in rec and not (prompt_field or answer_field):
-                    key: tuple = ("text",)
-                    opts = PrepareOptions(input=path, output="", format="text")
+                    fmt = RecordFormat(format="text")
                 else:
-                    pf, af, inf = _layout(rec, prompt_field, answer_field)
-                    key = (pf, af, inf)
-                    opts = PrepareOptions(input=path, output="", prompt_template=prompt_template,
-                                          format="alpaca" if inf else "qa", prompt_field=pf,
-                                          response_field=af, instruction_field=pf, output_field=af,
-                                          input_field=inf or "input")
-                if key not in encoders:
-                    encoders[key] = _Encoder(tokenizer, opts, "jsonl", np.dtype(np.int64))
-                enc = encoders[key].encode_batch(([(lineno, raw.rstrip(b"\r\n"))], len(raw)))
-                if enc.errors:
-                    raise _Bad(enc.errors[0][1])
-            except _Bad as e:
-                raise UserError(f"{path} line {lineno}: {e.args[0]}") from None
-            mask = enc.masks if enc.masks is not None else np.ones(enc.tokens.size, np.uint8)
-            docs.append((enc.tokens.astype(np.int64), mask))
+                    fmt, _ = eval_format(rec, prompt_field, answer_field, prompt_template,
+                                         DEFAULT_RESPONSE_TEMPLATE)
+                prompt, body = fmt.render(rec)
+                docs.append(encode_record(tokenizer, prompt, body))
+            except RecordError as e:
+                raise UserError(f"{path} line {lineno}: {e}") from None
     if not docs:
         raise UserError(f"{path} contains no records; pass a .jsonl file with one JSON object per line")
     return docs

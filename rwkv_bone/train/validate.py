@@ -6,7 +6,9 @@ in eval mode and scored with rwkv_bone.eval: the masked response-token loss over
 accuracy on the first --valid_limit records (valid_acc). The numbers go to the progress bar, to
 metrics.csv (columns valid_loss, valid_ppl, valid_acc, empty on other steps) and to W&B, so a
 run can be watched for overfitting. --valid_data is a .jsonl (tokenised here, exactly as make_data
-does, with --valid_tokenizer) or a make_data binidx prefix with its mask.
+does, with --valid_tokenizer) or a make_data binidx prefix with its mask. A .jsonl's records are
+rendered by rwkv_bone.data.records with `prompt_template` (make_data's and eval.py's default
+"User: {prompt}\\n\\nAssistant:"), so valid_loss scores the text a make_data run trained on.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import math
 import pytorch_lightning as pl
 import torch
 
+from ..data.records import DEFAULT_PROMPT_TEMPLATE, check_templates
 from .config import DataConfig, RunConfig, ValidConfig
 
 VALID_COLUMNS = ("valid_loss", "valid_ppl", "valid_acc")
@@ -25,18 +28,21 @@ class Validator(pl.Callback):
     """Computes the validation numbers on the steps it is due and leaves them in
     `pl_module.valid_metrics` for the MetricsLogger (listed after it) to write."""
 
-    def __init__(self, valid: ValidConfig, data: DataConfig, run: RunConfig, total_steps: int) -> None:
+    def __init__(self, valid: ValidConfig, data: DataConfig, run: RunConfig, total_steps: int,
+                 prompt_template: str = DEFAULT_PROMPT_TEMPLATE) -> None:
         from ..data.tokenizer import load_tokenizer
         from ..eval.loss import docs_from_binidx, docs_from_jsonl
         from ..eval.records import load_records
 
+        check_templates(prompt_template)
         self.valid, self.data, self.run, self.total_steps = valid, data, run, total_steps
+        self.prompt_template = prompt_template
         self.tokenizer = load_tokenizer(valid.valid_tokenizer or None)
         if valid.valid_data.endswith(".jsonl"):
-            self.docs = docs_from_jsonl(valid.valid_data, self.tokenizer)
+            self.docs = docs_from_jsonl(valid.valid_data, self.tokenizer, prompt_template=prompt_template)
         else:
             self.docs = docs_from_binidx(valid.valid_data)
-        self.records = (load_records(valid.valid_data, limit=valid.valid_limit)
+        self.records = (load_records(valid.valid_data, limit=valid.valid_limit, prompt_template=prompt_template)
                         if valid.valid_task != "none" else None)
 
     def due(self, step: int) -> bool:
@@ -59,6 +65,7 @@ class Validator(pl.Callback):
                 out = {"valid_loss": s["loss"], "valid_ppl": s["perplexity"]}
                 if self.records is not None:
                     o = EvalOptions(model="", data=self.valid.valid_data, task=self.valid.valid_task,
+                                    prompt_template=self.prompt_template,
                                     max_tokens=self.valid.valid_max_tokens, progress=False)
                     rows, _, _ = generate_answers(model, self.tokenizer, self.records, o)
                     out["valid_acc"] = sum(r["correct"] for r in rows) / len(rows)
