@@ -61,3 +61,40 @@ def test_reference_pass_equals_the_base_model_exactly(method, opts):
     assert not torch.equal(moved, want)
     assert torch.equal(again, want)
     assert torch.equal(after, moved)
+
+
+def test_dpo_batch_loss_is_ln2_at_the_start_and_moves_the_adapter():
+    from rwkv_bone.train.objectives.dpo import dpo_batch_loss
+
+    model = random_model(seed=4, dtype=torch.float64)
+    apply_peft(model, "bone", bone_b=16)
+    ref = InitialWeights(model)
+    torch.manual_seed(0)
+    x = torch.randint(1, 50, (3, 2, 9))
+    y = torch.randint(1, 50, (3, 2, 9))
+    mask = torch.zeros(3, 2, 9)
+    mask[..., 4:] = 1
+    loss, m = dpo_batch_loss(model, ref, x, y, mask, 0.1)
+    assert abs(loss.item() - 0.6931471805599453) < 1e-6
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+
+
+def test_grpo_batch_rewards_groups_and_masks_completion_tokens():
+    from rwkv_bone.train.objectives.grpo import GRPOSettings, completion_rows, grpo_batch_loss
+
+    x, y, mask = completion_rows([[7, 8, 9], [5]], [[1, 2, 0], [3]])
+    assert x.tolist() == [[7, 8, 9, 1, 2], [5, 0, 0, 0, 0]]
+    assert y.tolist() == [[8, 9, 1, 2, 0], [3, 0, 0, 0, 0]]
+    assert mask.tolist() == [[0, 0, 1, 1, 1], [1, 0, 0, 0, 0]]
+    model = random_model(seed=5)
+    apply_peft(model, "lora", lora_r=4)
+    ref = InitialWeights(model)
+    s = GRPOSettings(num_generations=4, max_new_tokens=6, beta=0.04)
+    reward = lambda i, toks: float(len(toks) % 2)  # noqa: E731
+    loss, m = grpo_batch_loss(model, ref, [[3, 4, 5], [6, 2]], reward, s, torch.Generator().manual_seed(1))
+    loss.backward()
+    assert set(m) == {"kl", "clip_fraction", "reward_mean", "reward_std", "completion_tokens"}
+    assert 1 <= m["completion_tokens"].item() <= 6
+    assert m["kl"].item() == pytest.approx(0.0, abs=1e-9)  # policy == reference at the start
+    assert m["clip_fraction"].item() == 0

@@ -71,4 +71,26 @@ def dpo_loss(policy_chosen: SeqLogp, policy_rejected: SeqLogp, ref_chosen: SeqLo
     return loss, metrics
 
 
-__all__ = ["DPO_LOSSES", "SeqLogp", "sequence_logps", "dpo_loss"]
+def pair_logps(model, x: Tensor, y: Tensor, mask: Tensor) -> tuple[SeqLogp, SeqLogp]:
+    """x, y, mask (B, 2, T) (row 0 chosen, row 1 rejected, as --data_type pairs yields them) ->
+    (chosen, rejected) SeqLogp (B,) each; both run in one (2B, T) forward."""
+    from .logps import token_logps
+
+    B, _, T = x.shape
+    tok = token_logps(model, x.reshape(2 * B, T), y.reshape(2 * B, T)).reshape(B, 2, T)
+    m = mask.to(tok.dtype)
+    total, count = (tok * m).sum(-1), m.sum(-1)          # (B, 2)
+    return SeqLogp(total[:, 0], count[:, 0]), SeqLogp(total[:, 1], count[:, 1])
+
+
+def dpo_batch_loss(model, reference, x: Tensor, y: Tensor, mask: Tensor, beta: float,
+                   kind: str = "sigmoid") -> tuple[Tensor, dict[str, Tensor]]:
+    """The DPO loss of one micro-batch of pairs; `reference` (objectives.reference.InitialWeights)
+    gives the reference log-probs with the trained tensors at their start, without gradients."""
+    with torch.no_grad(), reference.swapped_in(model):
+        ref_c, ref_r = pair_logps(model, x, y, mask)
+    pol_c, pol_r = pair_logps(model, x, y, mask)
+    return dpo_loss(pol_c, pol_r, ref_c, ref_r, beta, kind)
+
+
+__all__ = ["DPO_LOSSES", "SeqLogp", "sequence_logps", "dpo_loss", "pair_logps", "dpo_batch_loss"]

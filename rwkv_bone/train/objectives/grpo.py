@@ -20,6 +20,9 @@ active side of the min: rho < 1 - eps with A < 0, or rho > 1 + eps with A > 0).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
 import torch
 from torch import Tensor
 
@@ -71,4 +74,63 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, 
     return loss, metrics
 
 
-__all__ = ["GRPO_LOSSES", "group_advantages", "grpo_loss"]
+@dataclass(frozen=True)
+class GRPOSettings:
+    num_generations: int = 8
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    beta: float = 0.0
+    epsilon: float = 0.2
+    loss: str = "grpo"
+
+
+def completion_rows(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """prompt + completion per row, as next-token training rows padded with 0: x, y (N, T) int64 and
+    mask (N, T) float32, 1 exactly where y is a completion token."""
+    T = max(len(p) + len(c) - 1 for p, c in zip(prompts, completions))
+    N = len(completions)
+    x = torch.zeros(N, T, dtype=torch.long)
+    y = torch.zeros(N, T, dtype=torch.long)
+    mask = torch.zeros(N, T)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        ids = torch.tensor(list(p) + list(c), dtype=torch.long)
+        n = ids.numel() - 1
+        x[i, :n], y[i, :n] = ids[:-1], ids[1:]
+        mask[i, len(p) - 1:n] = 1.0
+    return x, y, mask
+
+
+def grpo_batch_loss(model, reference, prompts: Sequence[Sequence[int]],
+                    reward: Callable[[int, list[int]], float], s: GRPOSettings,
+                    generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+    """One GRPO micro-batch: G rollouts per prompt with the shared batched decoder, rewards
+    reward(prompt index, completion tokens), group advantages, and the clipped loss on the
+    completions (one policy update per batch of rollouts, so pi_old = pi: rho = 1 numerically)."""
+    from ...decode import sample_batch
+    from .logps import token_logps
+
+    G = s.num_generations
+    rollouts = sample_batch(model, prompts, G, s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                            generator=generator)
+    rewards = torch.tensor([[float(reward(i, r.tokens)) for r in group] for i, group in enumerate(rollouts)])
+    adv = group_advantages(rewards, scale=s.loss != "dr_grpo").flatten()               # (P * G,)
+    rows_p = [p for p in prompts for _ in range(G)]
+    rows_c = [r.tokens for group in rollouts for r in group]
+    device = model.emb.weight.device
+    x, y, mask = (t.to(device) for t in completion_rows(rows_p, rows_c))
+    logp = token_logps(model, x, y, s.temperature)                                    # (N, T)
+    ref = None
+    if s.beta:
+        with torch.no_grad(), reference.swapped_in(model):
+            ref = token_logps(model, x, y, s.temperature)
+    loss, m = grpo_loss(logp, logp.detach(), adv.to(device), mask, ref_logp=ref, beta=s.beta,
+                        epsilon=s.epsilon, kind=s.loss, max_new_tokens=s.max_new_tokens)
+    m.update(reward_mean=rewards.mean(), reward_std=rewards.flatten().std(),
+             completion_tokens=torch.tensor(float(sum(len(c) for c in rows_c)) / len(rows_c)))
+    return loss, m
+
+
+__all__ = ["GRPO_LOSSES", "GRPOSettings", "group_advantages", "grpo_loss", "completion_rows",
+           "grpo_batch_loss"]
