@@ -127,10 +127,25 @@ class RunRecorder(pl.Callback):
             if self.start_step:
                 trim_metrics(metrics, self.start_step)
             if not self.start_step or not os.path.isfile(metrics):
-                ck.text_atomic(",".join(METRICS_HEADER) + "\n", metrics)
+                ck.text_atomic(",".join(self.metrics_header(pl_module)) + "\n", metrics)
             if self.args.wandb:
                 self.wandb_run = start_wandb(self.args.wandb, self.run_name, vars(self.args), self.args.proj_dir)
         self.t_last = time.time()
+
+    @staticmethod
+    def metrics_header(pl_module) -> list[str]:
+        """metrics.csv's columns: the common ones, then the objective's (dpo / grpo) if any."""
+        objective = getattr(pl_module, "objective", None)
+        return METRICS_HEADER + list(getattr(objective, "metric_names", ()))
+
+    def objective_metrics(self, trainer: pl.Trainer, pl_module) -> dict[str, float]:
+        if getattr(pl_module, "objective", None) is None:
+            return {}
+        out = {}
+        for k, v in pl_module.take_objective_metrics().items():
+            v = v.to(pl_module.device)
+            out[k] = float(trainer.strategy.reduce(v, reduce_op="mean")) if trainer.world_size > 1 else float(v)
+        return out
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         self.micro_losses.append(pl_module.last_loss)
@@ -153,14 +168,23 @@ class RunRecorder(pl.Callback):
         pl_module.log("kt/s", kts, prog_bar=True, logger=False, on_step=True, on_epoch=False, rank_zero_only=True)
         self.epoch_loss_sum += loss
         self.epoch_loss_count += 1
+        objective = self.objective_metrics(trainer, pl_module)  # every rank: the reduce is collective
+        if objective:
+            for k in ("reward_mean", "rewards_accuracy"):
+                if k in objective:
+                    pl_module.log(k, objective[k], prog_bar=True, logger=False, on_step=True, on_epoch=False,
+                                  rank_zero_only=True)
         if trainer.is_global_zero:
             tokens = step * self.tokens_per_step
             valid = getattr(pl_module, "valid_metrics", None) or {}  # set by train/validate.py's Validator
             vcols = ",".join(f"{valid[k]:.6f}" if k in valid else "" for k in ("valid_loss", "valid_ppl", "valid_acc"))
             with open(self.path(METRICS_FILE), "a") as f:
-                f.write(f"{step},{loss:.6f},{lr:.8g},{tokens},{kts:.3f},{peak_memory_mb(pl_module.device):.1f},{vcols}\n")
+                ocols = "".join(f",{objective[k]:.6f}" for k in self.metrics_header(pl_module)[len(METRICS_HEADER):])
+                f.write(f"{step},{loss:.6f},{lr:.8g},{tokens},{kts:.3f},{peak_memory_mb(pl_module.device):.1f},{vcols}"
+                        f"{ocols}\n")
             if self.wandb_run is not None:
-                self.wandb_run.log({"loss": loss, "lr": lr, "Gtokens": tokens / 1e9, "kt/s": kts, **valid}, step=step)
+                self.wandb_run.log({"loss": loss, "lr": lr, "Gtokens": tokens / 1e9, "kt/s": kts, **valid, **objective},
+                                   step=step)
 
         epoch_end = step % self.args.epoch_steps == 0 or step == self.total_steps
         if epoch_end:

@@ -217,11 +217,17 @@ def build_run(args: argparse.Namespace) -> TrainRun | None:
         total_steps = min(total_steps, math.ceil(args.my_exit_tokens / tokens_per_step))
 
     # Everything that can be refused is refused before the first file is written.
-    check_data_prefix(args.data_file)
-    sampler = open_sampler(args.data_file, args.data_type, args.ctx_len, args.random_seed, args.magic_prime,
-                           sft_pack=bool(getattr(args, "sft_pack", False)))
     config, base_sd = load_base(args)
-    check_token_ids(args.data_file, config.vocab_size)
+    if args.objective == "grpo":  # prompts from a .jsonl (read again by the objective, after the model)
+        from ..eval.records import load_records
+
+        load_records(args.data_file)  # refuse a bad record before anything is written
+        sampler = None
+    else:
+        check_data_prefix(args.data_file)
+        sampler = open_sampler(args.data_file, args.data_type, args.ctx_len, args.random_seed, args.magic_prime,
+                               sft_pack=bool(getattr(args, "sft_pack", False)))
+        check_token_ids(args.data_file, config.vocab_size)
     prepare_proj_dir(args.proj_dir)
 
     resume_info = None
@@ -243,6 +249,13 @@ def build_run(args: argparse.Namespace) -> TrainRun | None:
         check_device_support(args.quant, "cuda" if accelerator == "gpu" else "cpu")
     model = build_model(args, config, bf16, base_sd)
     del base_sd  # the model holds what it needs; drop the rest of the mapping
+    from .objectives.build import build_objective
+
+    objective = build_objective(args, model)  # before a resumed state loads: the reference is the start
+    if objective is not None and sampler is None:
+        from .data import PromptOrder
+
+        sampler = PromptOrder(len(objective.records), args.random_seed)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer_state = None
     if resume_info is not None and resume_info["kind"] == "plain":
@@ -268,6 +281,7 @@ def build_run(args: argparse.Namespace) -> TrainRun | None:
                              optimizer_state=optimizer_state, offload_optimizer=offload,
                              autocast_bf16=bf16 and not deepspeed_on)
     module.sampler = sampler
+    module.objective = objective
     run_name = f"rwkv6-{args.model_preset or f'L{config.n_layer}-D{config.n_embd}'} " \
                f"{A.method_label(args)} ctx{args.ctx_len}"
     recorder = RunRecorder(args, start_step=start_step, total_steps=total_steps, tokens_per_step=tokens_per_step,

@@ -122,7 +122,7 @@ def grpo_batch_loss(model, reference, prompts: Sequence[Sequence[int]],
     x, y, mask = (t.to(device) for t in completion_rows(rows_p, rows_c))
     logp = token_logps(model, x, y, s.temperature)                                    # (N, T)
     ref = None
-    if s.beta:
+    if s.beta and reference is not None:
         with torch.no_grad(), reference.swapped_in(model):
             ref = token_logps(model, x, y, s.temperature)
     loss, m = grpo_loss(logp, logp.detach(), adv.to(device), mask, ref_logp=ref, beta=s.beta,
