@@ -14,6 +14,7 @@ averaged over the whole pass. Goal: packed / padded >= 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -25,6 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from rwkv_bone.config import RWKV6Config  # noqa: E402
 from rwkv_bone.model import RWKV6  # noqa: E402
 from rwkv_bone.train.data import PackedSFTDocuments, SFTDocuments  # noqa: E402
+from rwkv_bone.train.args import parse_args  # noqa: E402
+from rwkv_bone.train.config import TrainConfig  # noqa: E402
 from rwkv_bone.train.module import RWKVTrainModule  # noqa: E402
 
 
@@ -91,7 +94,10 @@ def main() -> None:
     torch.manual_seed(args.seed)
     cfg = RWKV6Config(n_layer=args.n_layer, n_embd=args.n_embd, vocab_size=args.vocab)
     model = RWKV6.from_config(cfg).train()
-    module = RWKVTrainModule(model, argparse.Namespace(chunked_ce=True, l2wrap=False), start_step=0, total_steps=1)
+    run_cfg = TrainConfig.from_args(parse_args(["--load_model", "", "--n_layer", str(args.n_layer), "--n_embd",
+                                                str(args.n_embd), "--peft", "none", "--dry_run"]))
+    optim = dataclasses.replace(run_cfg.optim, chunked_ce=True, l2wrap=False)
+    module = RWKVTrainModule(model, optim, run_cfg.data, seed=args.seed, start_step=0, total_steps=1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     modes = {"padded": batches(padded, args.micro_bsz), "packed": batches(packed, args.micro_bsz)}
     spent = {k: 0.0 for k in modes}

@@ -88,10 +88,12 @@ def test_single_token_documents_only_is_a_user_error():
 
 # ---- the training step on packed rows ---------------------------------------------------------
 def test_packed_batch_loss_equals_the_documents_run_alone():
-    import argparse
+    import dataclasses
 
     import torch
 
+    from rwkv_bone.train import parse_args
+    from rwkv_bone.train.config import TrainConfig
     from rwkv_bone.train.module import RWKVTrainModule
     from test_model_packed import small_model
 
@@ -111,9 +113,11 @@ def test_packed_batch_loss_equals_the_documents_run_alone():
                 lp = torch.log_softmax(model(x[b:b + 1, a:e]), -1)[0]
                 nll -= (lp.gather(1, y[b, a:e, None])[:, 0] * m[b, a:e]).sum().item()
                 count += m[b, a:e].sum().item()
+    cfg = TrainConfig.from_args(parse_args(["--load_model", "", "--n_layer", "2", "--n_embd", "64",
+                                            "--peft", "none", "--dry_run"]))
     for chunked in (True, False):
-        module = RWKVTrainModule(model, argparse.Namespace(chunked_ce=chunked, l2wrap=False), start_step=0,
-                                 total_steps=1)
+        optim = dataclasses.replace(cfg.optim, chunked_ce=chunked, l2wrap=False)
+        module = RWKVTrainModule(model, optim, cfg.data, seed=0, start_step=0, total_steps=1)
         with torch.no_grad():
             got = module.batch_loss(x, y, m, start).item()
         assert got == pytest.approx(nll / count, rel=1e-5)

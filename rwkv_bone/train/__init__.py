@@ -1,5 +1,6 @@
 """The trainer behind train.py: flags (args), samplers (data), schedule, LightningModule (module),
-strategies incl. DeepSpeed on CPU (strategy), logs/checkpoints (callbacks, checkpoints), run."""
+strategies incl. DeepSpeed on CPU (strategy), typed sections of the flags (config), logs (callbacks),
+checkpoints (saver, checkpoints), run."""
 import sys
 import types
 

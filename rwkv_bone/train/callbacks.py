@@ -1,5 +1,5 @@
-"""Per-step bookkeeping of a run: logs (train_log.txt, metrics.csv, W&B), epoch checkpoints,
-resumable training state, and the loss-curve PNG at the end.
+"""Per-step logs of a run (train_log.txt, metrics.csv, W&B, progress bar) and the loss-curve PNG at
+the end; epoch checkpoints and the resumable training state are train/saver.py's.
 
 Files (rank 0 writes them; collective parts - loss averaging, gathering ZeRO tensors, DeepSpeed
 state - run on every rank):
@@ -28,6 +28,7 @@ import torch
 
 from ..errors import UserError
 from . import checkpoints as ck
+from .config import DataConfig, RunConfig
 
 METRICS_FILE = "metrics.csv"
 METRICS_HEADER = ["step", "loss", "lr", "tokens", "kt/s", "peak_mem_mb", "valid_loss", "valid_ppl", "valid_acc"]
@@ -47,7 +48,7 @@ def trim_metrics(path: str, last_step: int) -> None:
         rows = list(csv.reader(f))
     out = io.StringIO()
     w = csv.writer(out)
-    w.writerow(METRICS_HEADER)
+    w.writerow(rows[0] if rows else METRICS_HEADER)  # the run's own columns (objective metrics too)
     for row in rows[1:]:
         if row and row[0].isdigit() and int(row[0]) <= last_step:
             w.writerow(row)
@@ -77,50 +78,47 @@ def start_wandb(project: str, name: str, config: dict, proj_dir: str):
                       dir=os.environ.get("WANDB_DIR") or proj_dir)
 
 
-def epoch_file(epoch: int, adapter_format: str = "ours") -> str:
-    """rwkv-{epoch}.pth, or the HF PEFT folder rwkv-{epoch} with --adapter_format peft."""
-    return f"rwkv-{epoch}" if adapter_format == "peft" else f"rwkv-{epoch}.pth"
+def epoch_end(step: int, epoch_steps: int, total_steps: int) -> bool:
+    """Whether optimizer step `step` (1-based) closes an epoch (the last step always does)."""
+    return step % epoch_steps == 0 or step == total_steps
 
 
-class RunRecorder(pl.Callback):
-    def __init__(self, args, *, start_step: int, total_steps: int, tokens_per_step: int, deepspeed_on: bool,
-                 full_model: bool, run_name: str, resume_info: dict | None, full_dtype: torch.dtype) -> None:
-        self.args = args
+class MetricsLogger(pl.Callback):
+    """The per-step loss (averaged over micro-batches and ranks) and the epoch's mean loss, written
+    to metrics.csv, train_log.txt, W&B and the progress bar; the loss-curve PNG at the end.
+    The Saver (listed after it) reads `epoch_mean` and `epoch_loss` for the files it writes."""
+
+    def __init__(self, run: RunConfig, data: DataConfig, *, flags: dict, start_step: int, total_steps: int,
+                 tokens_per_step: int, run_name: str, resume_info: dict | None) -> None:
+        self.run, self.data = run, data
+        self.flags = flags  # every flag and its value, as recorded in train_log.txt and W&B
         self.start_step, self.total_steps = start_step, total_steps
         self.tokens_per_step = tokens_per_step
-        self.deepspeed_on, self.full_model = deepspeed_on, full_model  # full_model: --peft none
         self.run_name = run_name
-        self.resume_info = resume_info
-        self.full_dtype = full_dtype
-        self.init_factors: dict[str, torch.Tensor] = {}  # fp32 PiSSA/OLoRA A0, B0 (see checkpoints)
         el = resume_info.get("epoch_loss", [0.0, 0]) if resume_info else [0.0, 0]
         self.epoch_loss_sum, self.epoch_loss_count = float(el[0]), int(el[1])
-        self.micro_losses: list[float] = []
+        self.epoch_mean = float("nan")  # mean loss of the last epoch that ended
+        self.micro_losses: list = []
         self.wandb_run = None
-        self.saved_epochs: set[int] = set()
         self.t_last = time.time()
-        # The state of step k is written once step k+1's loss is known to be finite (see save_state).
-        self.pending_state: tuple[int, tuple[float, int]] | None = None
-        self.saved_state_step: int | None = int(resume_info["step"]) if resume_info else None
-        self.interrupted = False  # Ctrl-C (KeyboardInterrupt) seen by on_exception
-        self.last_step = start_step
 
-    # ---- helpers --------------------------------------------------------------------------
     def path(self, name: str) -> str:
-        return os.path.join(self.args.proj_dir, name)
+        return os.path.join(self.run.proj_dir, name)
 
-    def epoch_of(self, step: int) -> int:
-        """Epoch number (as named in files) containing optimizer step `step` (1-based)."""
-        return self.args.epoch_begin + (step - 1) // self.args.epoch_steps
+    @property
+    def epoch_loss(self) -> tuple[float, int]:
+        """(sum, count) of the step losses of the epoch in progress (kept in the training state)."""
+        return self.epoch_loss_sum, self.epoch_loss_count
 
-    # ---- hooks ----------------------------------------------------------------------------
+    def restart_clock(self) -> None:
+        """Called after checkpoints are written: their time does not count against kt/s."""
+        self.t_last = time.time()
+
     def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
-        if self.resume_info and self.resume_info["kind"] == "deepspeed":
-            ck.load_deepspeed_state(self.args.proj_dir, trainer.strategy.deepspeed_engine, self.resume_info)
         if trainer.is_global_zero:
             stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H-%M-%S")
             with open(self.path("train_log.txt"), "a") as f:
-                f.write(f"NEW RUN {stamp}\n{vars(self.args)}\n")
+                f.write(f"NEW RUN {stamp}\n{self.flags}\n")
                 if self.start_step:
                     f.write(f"resumed at step {self.start_step}\n")
             metrics = self.path(METRICS_FILE)
@@ -128,8 +126,8 @@ class RunRecorder(pl.Callback):
                 trim_metrics(metrics, self.start_step)
             if not self.start_step or not os.path.isfile(metrics):
                 ck.text_atomic(",".join(self.metrics_header(pl_module)) + "\n", metrics)
-            if self.args.wandb:
-                self.wandb_run = start_wandb(self.args.wandb, self.run_name, vars(self.args), self.args.proj_dir)
+            if self.run.wandb:
+                self.wandb_run = start_wandb(self.run.wandb, self.run_name, self.flags, self.run.proj_dir)
         self.t_last = time.time()
 
     @staticmethod
@@ -138,7 +136,9 @@ class RunRecorder(pl.Callback):
         objective = getattr(pl_module, "objective", None)
         return METRICS_HEADER + list(getattr(objective, "metric_names", ()))
 
-    def objective_metrics(self, trainer: pl.Trainer, pl_module) -> dict[str, float]:
+    @staticmethod
+    def objective_metrics(trainer: pl.Trainer, pl_module) -> dict[str, float]:
+        """This step's dpo / grpo metrics, averaged over micro-batches and ranks."""
         if getattr(pl_module, "objective", None) is None:
             return {}
         out = {}
@@ -149,10 +149,9 @@ class RunRecorder(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         self.micro_losses.append(pl_module.last_loss)
-        if (batch_idx + 1) % self.args.accumulate_grad_batches:
+        if (batch_idx + 1) % self.data.accumulate_grad_batches:
             return
         step = pl_module.start_step + trainer.global_step  # optimizer steps done, 1-based index of this one
-        self.last_step = step
         # The micro-batch losses are device tensors (no sync per micro-batch); one read per step.
         local = torch.stack([torch.as_tensor(v).to(torch.float64) for v in self.micro_losses]).mean()
         self.micro_losses.clear()
@@ -164,104 +163,37 @@ class RunRecorder(pl.Callback):
         if trainer.world_size > 1:
             real = int(trainer.strategy.reduce(torch.tensor(float(real), device=pl_module.device), reduce_op="sum"))
         kts = real / max(now - self.t_last, 1e-9) / 1000
-        lr = pl_module.args.lr_init if not trainer.optimizers else trainer.optimizers[0].param_groups[0]["lr"]
+        lr = pl_module.optim.lr_init if not trainer.optimizers else trainer.optimizers[0].param_groups[0]["lr"]
         pl_module.log("kt/s", kts, prog_bar=True, logger=False, on_step=True, on_epoch=False, rank_zero_only=True)
         self.epoch_loss_sum += loss
         self.epoch_loss_count += 1
-        objective = self.objective_metrics(trainer, pl_module)  # every rank: the reduce is collective
-        if objective:
-            for k in ("reward_mean", "rewards_accuracy"):
-                if k in objective:
-                    pl_module.log(k, objective[k], prog_bar=True, logger=False, on_step=True, on_epoch=False,
-                                  rank_zero_only=True)
+        objective = self.objective_metrics(trainer, pl_module)  # on every rank: the reduce is collective
+        for k in ("reward_mean", "rewards_accuracy"):
+            if k in objective:
+                pl_module.log(k, objective[k], prog_bar=True, logger=False, on_step=True, on_epoch=False,
+                              rank_zero_only=True)
         if trainer.is_global_zero:
             tokens = step * self.tokens_per_step
             valid = getattr(pl_module, "valid_metrics", None) or {}  # set by train/validate.py's Validator
             vcols = ",".join(f"{valid[k]:.6f}" if k in valid else "" for k in ("valid_loss", "valid_ppl", "valid_acc"))
+            ocols = "".join(f",{objective[k]:.6f}" for k in self.metrics_header(pl_module)[len(METRICS_HEADER):])
             with open(self.path(METRICS_FILE), "a") as f:
-                ocols = "".join(f",{objective[k]:.6f}" for k in self.metrics_header(pl_module)[len(METRICS_HEADER):])
                 f.write(f"{step},{loss:.6f},{lr:.8g},{tokens},{kts:.3f},{peak_memory_mb(pl_module.device):.1f},{vcols}"
                         f"{ocols}\n")
             if self.wandb_run is not None:
-                self.wandb_run.log({"loss": loss, "lr": lr, "Gtokens": tokens / 1e9, "kt/s": kts, **valid, **objective},
-                                   step=step)
-
-        epoch_end = step % self.args.epoch_steps == 0 or step == self.total_steps
-        if epoch_end:
-            epoch = self.epoch_of(step)
-            mean = self.epoch_loss_sum / max(1, self.epoch_loss_count)
+                self.wandb_run.log({"loss": loss, "lr": lr, "Gtokens": tokens / 1e9, "kt/s": kts, **valid,
+                                    **objective}, step=step)
+        if epoch_end(step, self.run.epoch_steps, self.total_steps):
+            epoch = self.run.epoch_of(step)
+            self.epoch_mean = self.epoch_loss_sum / max(1, self.epoch_loss_count)
             if trainer.is_global_zero:
                 with open(self.path("train_log.txt"), "a") as f:
-                    f.write(f"{epoch} {mean:.6f} {math.exp(min(mean, 700)):.4f} {lr:.8f} "
+                    f.write(f"{epoch} {self.epoch_mean:.6f} {math.exp(min(self.epoch_mean, 700)):.4f} {lr:.8f} "
                             f"{datetime.datetime.now()} {epoch}\n")
-            index = epoch - self.args.epoch_begin  # 0-based epoch of this run
-            if (index + 1) % self.args.epoch_save == 0 or step == self.total_steps:
-                self.save_epoch(trainer, pl_module, epoch, step, mean)
             self.epoch_loss_sum, self.epoch_loss_count = 0.0, 0
-        every = self.args.save_every_steps
-        if epoch_end or (every and step % every == 0):
-            self.save_state(trainer, pl_module, step)
-        self.t_last = time.time()  # checkpoint time does not count against kt/s
-
-    def save_epoch(self, trainer, pl_module, epoch: int, step: int, loss: float) -> None:
-        meta = {"epoch": epoch, "step": step, "loss": loss, "tokens": step * self.tokens_per_step,
-                "ctx_len": self.args.ctx_len, "load_model": self.args.load_model}
-        fmt = getattr(self.args, "adapter_format", "ours")
-        ck.save_epoch_checkpoint(self.path(epoch_file(epoch, fmt)), pl_module.model, deepspeed_on=self.deepspeed_on,
-                                 is_rank0=trainer.is_global_zero, full_model=self.full_model,
-                                 full_dtype=self.full_dtype, extra_meta=meta, init_factors=self.init_factors,
-                                 adapter_format=fmt)
-        self.saved_epochs.add(epoch)
-
-    def save_state(self, trainer, pl_module, step: int) -> None:
-        """The resumable state after step k is only written once step k+1's forward pass gave a
-        finite loss (on_before_backward, weights and optimizer still those of step k): after a
-        divergence the kept state is one whose forward pass is finite, so --resume with a lower lr
-        continues. The last step of the run is written at once."""
-        epoch_loss = (self.epoch_loss_sum, self.epoch_loss_count)
-        if step >= self.total_steps:
-            self.pending_state = None
-            self.write_state(trainer, pl_module, step, epoch_loss)
-        else:
-            self.pending_state = (step, epoch_loss)
-
-    def on_before_backward(self, trainer: pl.Trainer, pl_module, loss) -> None:
-        if self.pending_state is None:
-            return
-        step, epoch_loss = self.pending_state
-        self.pending_state = None
-        # One host sync, only on the step after a save: the module checks finiteness later (once
-        # per optimizer step), but the state of step k must not be written if this loss is not.
-        bad = (~torch.isfinite(loss.detach())).float()
-        if trainer.world_size > 1:  # every rank decides alike (saving is collective under ZeRO)
-            bad = trainer.strategy.reduce(bad, reduce_op="sum")
-        if bad.item() == 0:
-            self.write_state(trainer, pl_module, step, epoch_loss)
-
-    def write_state(self, trainer, pl_module, step: int, epoch_loss: tuple[float, int]) -> None:
-        if self.deepspeed_on:
-            ck.save_deepspeed_state(self.args.proj_dir, trainer.strategy.deepspeed_engine, step=step,
-                                    epoch_loss=epoch_loss, args=self.args, is_rank0=trainer.is_global_zero,
-                                    barrier=trainer.strategy.barrier)
-        elif trainer.is_global_zero:
-            ck.save_plain_state(self.args.proj_dir, step=step, model=pl_module.model,
-                                optimizer=trainer.optimizers[0], epoch_loss=epoch_loss, args=self.args)
-        self.saved_state_step = step
-
-    def interrupted_message(self) -> str:
-        """One line for Ctrl-C: where the state to --resume from is, or that there is none yet."""
-        where = os.path.join(self.args.proj_dir, ck.STATE_POINTER if self.deepspeed_on else ck.STATE_FILE)
-        if self.saved_state_step is None:
-            return (f"interrupted at step {self.last_step}, before any training state was saved; "
-                    "nothing to resume, start the run again")
-        return (f"interrupted at step {self.last_step}; the training state of step {self.saved_state_step} "
-                f"is in {where}: rerun the same command with --resume to continue")
+        self.t_last = time.time()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
-        if self.pending_state is not None:  # no further step ran: the weights are still step k's
-            step, epoch_loss = self.pending_state
-            self.pending_state = None
-            self.write_state(trainer, pl_module, step, epoch_loss)
         if not trainer.is_global_zero:
             return
         if self.wandb_run is not None:
@@ -269,10 +201,9 @@ class RunRecorder(pl.Callback):
             self.wandb_run = None
         from ..plot import plot_runs
 
-        plot_runs([self.args.proj_dir], self.path("loss.png"))
+        plot_runs([self.run.proj_dir], self.path("loss.png"))
 
     def on_exception(self, trainer: pl.Trainer, pl_module, exception: BaseException) -> None:
-        self.interrupted = isinstance(exception, KeyboardInterrupt)
         if self.wandb_run is not None:
             self.wandb_run.finish(exit_code=1)
             self.wandb_run = None

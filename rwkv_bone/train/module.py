@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from .config import DataConfig, OptimConfig
 from .data import StepSamples
 from .infctx import infctx_loss
 from .loss import chunked_token_loss, token_loss  # noqa: F401  (token_loss: re-exported)
@@ -52,12 +53,14 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float,
 
 
 class RWKVTrainModule(pl.LightningModule):
-    def __init__(self, model: torch.nn.Module, args, *, start_step: int, total_steps: int,
-                 optimizer_state: dict | None = None, offload_optimizer: bool = False,
-                 autocast_bf16: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, optim: OptimConfig, data: DataConfig, *, seed: int,
+                 start_step: int, total_steps: int, optimizer_state: dict | None = None,
+                 offload_optimizer: bool = False, autocast_bf16: bool = False) -> None:
         super().__init__()
         self.model = model
-        self.args = args
+        self.optim = optim  # lr schedule, AdamW, loss options (rwkv_bone.train.config)
+        self.data = data  # micro-batch and accumulation
+        self.seed = seed  # --random_seed: dropout draws
         self.start_step = start_step  # optimizer steps done before this process started
         self.total_steps = total_steps
         self.optimizer_state = optimizer_state  # resume (non-DeepSpeed): loaded into AdamW once built
@@ -78,7 +81,7 @@ class RWKVTrainModule(pl.LightningModule):
         self.objective_count = 0
 
     def train_dataloader(self) -> DataLoader:
-        a = self.args
+        a = self.data
         ds = StepSamples(self.sampler, start_step=self.start_step, total_steps=self.total_steps,
                          rank=self.global_rank, world_size=self.trainer.world_size,
                          accumulate=a.accumulate_grad_batches, micro_bsz=a.micro_bsz)
@@ -90,7 +93,7 @@ class RWKVTrainModule(pl.LightningModule):
         return self.start_step + self.trainer.global_step
 
     def current_lr(self) -> float:
-        a = self.args
+        a = self.optim
         return lr_at(self.step, self.total_steps, a.lr_init, a.lr_final, a.lr_schedule, a.warmup_steps)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -104,9 +107,9 @@ class RWKVTrainModule(pl.LightningModule):
                 group["lr"] = lr * scale
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
-        micro = batch_idx % self.args.accumulate_grad_batches
+        micro = batch_idx % self.data.accumulate_grad_batches
         # Dropout (LoRA) randomness as a pure function of the position in the run.
-        torch.manual_seed(hash((self.args.random_seed, self.step, self.global_rank, micro)) % (2**63))
+        torch.manual_seed(hash((self.seed, self.step, self.global_rank, micro)) % (2**63))
         if self.objective is not None:
             return self.objective_step(batch, micro)
         x, y = batch[0], batch[1]  # (B, T) int64 each
@@ -162,11 +165,11 @@ class RWKVTrainModule(pl.LightningModule):
     def batch_loss(self, x: Tensor, y: Tensor, mask: Tensor | None, doc_start: Tensor | None = None) -> Tensor:
         """Scalar fp32 loss of one micro-batch (--chunked_ce: never the whole (B, T, V) logits);
         doc_start (B, T) bool for packed rows (each document runs from a clean state)."""
-        a = self.args
-        l2wrap = bool(getattr(a, "l2wrap", False))
-        if getattr(a, "train_type", "none") == "infctx":
+        a = self.optim
+        l2wrap = a.l2wrap
+        if a.train_type == "infctx":
             return infctx_loss(self.model, x, y, mask, a.chunk_ctx, l2wrap=l2wrap)
-        if getattr(a, "chunked_ce", True):
+        if a.chunked_ce:
             h, _ = self.model.forward_features(x, None, doc_start)  # (B, T, C)
             return chunked_token_loss(self.model.head, h, y, mask, l2wrap=l2wrap)
         logits = self.model(x) if doc_start is None else self.model(x, doc_start=doc_start)
@@ -178,7 +181,7 @@ class RWKVTrainModule(pl.LightningModule):
         return int(n)
 
     def configure_optimizers(self):
-        a = self.args
+        a = self.optim
         groups = optimizer_groups(self.model, a.weight_decay, a.layerwise_lr)
         if not groups:
             raise RuntimeError("no trainable parameters")

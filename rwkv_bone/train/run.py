@@ -22,7 +22,9 @@ import torch
 from ..errors import UserError
 from . import args as A
 from . import checkpoints as ck
-from .callbacks import RunRecorder, epoch_file, write_run_settings
+from .callbacks import MetricsLogger, write_run_settings
+from .config import TrainConfig
+from .saver import Saver, epoch_file
 from .strategy import DEEPSPEED_STAGES, build_strategy, is_deepspeed, resolve_accelerator
 
 
@@ -134,8 +136,8 @@ def _env_rank_zero() -> bool:
 class TrainRun:
     trainer: Any  # pl.Trainer
     module: Any  # RWKVTrainModule
-    recorder: RunRecorder
-    args: argparse.Namespace
+    saver: Saver
+    cfg: TrainConfig
 
 
 def run(args: argparse.Namespace) -> int:
@@ -156,14 +158,14 @@ def fit_run(tr: TrainRun) -> int:
         print(f"error: {e}", flush=True)
         return 1
     except SystemExit:  # Lightning turns Ctrl-C into sys.exit(1) after its graceful shutdown
-        if not tr.recorder.interrupted:
+        if not tr.saver.interrupted:
             raise
         if _env_rank_zero():
-            print(tr.recorder.interrupted_message(), file=sys.stderr, flush=True)
+            print(tr.saver.interrupted_message(), file=sys.stderr, flush=True)
         return 130
-    if tr.trainer.is_global_zero and tr.recorder.saved_epochs:
-        name = epoch_file(max(tr.recorder.saved_epochs), getattr(tr.args, "adapter_format", "ours"))
-        print(f"saved {os.path.join(tr.args.proj_dir, name)}")
+    if tr.trainer.is_global_zero and tr.saver.saved_epochs:
+        name = epoch_file(max(tr.saver.saved_epochs), tr.saver.adapter_format)
+        print(f"saved {os.path.join(tr.cfg.run.proj_dir, name)}")
     return 0
 
 
@@ -194,121 +196,158 @@ def remove_stale_temporaries(proj_dir: str) -> None:
             os.remove(os.path.join(proj_dir, name))
 
 
-def build_run(args: argparse.Namespace) -> TrainRun | None:
-    """Check the data, load the model (+ adapters, + resumed state), build the Trainer; None when a
-    resumed run has nothing left to do."""
-    import pytorch_lightning as pl
+@dataclass(frozen=True)
+class RunPlan:
+    """Hardware and length of a run, from the flags alone."""
+    accelerator: str  # "gpu" or "cpu"
+    deepspeed_on: bool
+    bf16: bool
+    world_size: int
+    tokens_per_step: int
+    total_steps: int
 
-    from .data import check_data_prefix, check_token_ids, open_sampler
-    from .module import RWKVTrainModule
 
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-    quiet_lightning()
-
-    accelerator = resolve_accelerator(args.accelerator)
+def plan_run(cfg: TrainConfig) -> RunPlan:
+    accelerator = resolve_accelerator(cfg.hardware.accelerator)
     if accelerator == "gpu" and not torch.cuda.is_available():
         raise UserError("--accelerator gpu was requested but CUDA is not available; use --accelerator cpu")
-    deepspeed_on = is_deepspeed(args.strategy)
-    bf16 = A.precision_mode(args) == "bf16"
-    world_size = args.devices * args.num_nodes
-    tokens_per_step = args.micro_bsz * args.accumulate_grad_batches * world_size * args.ctx_len
-    total_steps = args.epoch_count * args.epoch_steps
-    if args.my_exit_tokens:
-        total_steps = min(total_steps, math.ceil(args.my_exit_tokens / tokens_per_step))
+    d, world_size = cfg.data, cfg.hardware.world_size
+    tokens_per_step = d.micro_bsz * d.accumulate_grad_batches * world_size * d.ctx_len
+    total_steps = cfg.run.epoch_count * cfg.run.epoch_steps
+    if cfg.run.my_exit_tokens:
+        total_steps = min(total_steps, math.ceil(cfg.run.my_exit_tokens / tokens_per_step))
+    return RunPlan(accelerator, is_deepspeed(cfg.hardware.strategy), cfg.hardware.bf16, world_size,
+                   tokens_per_step, total_steps)
 
-    # Everything that can be refused is refused before the first file is written.
-    config, base_sd = load_base(args)
-    if args.objective == "grpo":  # prompts from a .jsonl (read again by the objective, after the model)
-        from ..eval.records import load_records
 
-        load_records(args.data_file)  # refuse a bad record before anything is written
-        sampler = None
-    else:
-        check_data_prefix(args.data_file)
-        sampler = open_sampler(args.data_file, args.data_type, args.ctx_len, args.random_seed, args.magic_prime,
-                               sft_pack=bool(getattr(args, "sft_pack", False)))
-        check_token_ids(args.data_file, config.vocab_size)
-    prepare_proj_dir(args.proj_dir)
+def find_resume(args: argparse.Namespace, plan: RunPlan) -> dict | None:
+    """The saved state --resume continues from (checked against these flags), or None without --resume."""
+    if not args.resume:
+        return None
+    info = ck.find_state(args.proj_dir, plan.deepspeed_on)
+    ck.check_resume_settings(info.get("settings", {}), args)
+    if info.get("world_size", plan.world_size) != plan.world_size:
+        raise UserError(f"--resume: the saved run used {info['world_size']} processes "
+                        f"(--devices x --num_nodes) but this one has {plan.world_size}; resume with the same count")
+    return info
 
-    resume_info = None
-    start_step = 0
-    if args.resume:
-        resume_info = ck.find_state(args.proj_dir, deepspeed_on)
-        ck.check_resume_settings(resume_info.get("settings", {}), args)
-        if resume_info.get("world_size", world_size) != world_size:
-            raise UserError(f"--resume: the saved run used {resume_info['world_size']} processes "
-                            f"(--devices x --num_nodes) but this one has {world_size}; resume with the same count")
-        start_step = int(resume_info["step"])
-        if start_step >= total_steps:
-            print(f"the run in {args.proj_dir} already finished all {total_steps} steps; nothing to do")
-            return None
 
-    if args.quant != "none":
-        from ..quant import check_device_support
-
-        check_device_support(args.quant, "cuda" if accelerator == "gpu" else "cpu")
-    model = build_model(args, config, bf16, base_sd)
-    del base_sd  # the model holds what it needs; drop the rest of the mapping
-    from .objectives.build import build_objective
-
-    objective = build_objective(args, model)  # before a resumed state loads: the reference is the start
-    if objective is not None and sampler is None:
-        from .data import PromptOrder
-
-        sampler = PromptOrder(len(objective.records), args.random_seed)
+def announce(args: argparse.Namespace, cfg: TrainConfig, plan: RunPlan, config, model, start_step: int) -> None:
+    """Rank 0: clear stale temporaries, write run.json, print the run's facts."""
+    proj_dir = cfg.run.proj_dir
+    remove_stale_temporaries(proj_dir)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    optimizer_state = None
-    if resume_info is not None and resume_info["kind"] == "plain":
-        ck.load_plain_trainables(model, resume_info)
-        optimizer_state = resume_info["optimizer"]
+    model_name = cfg.model.model_preset or f"L{config.n_layer}-D{config.n_embd}"
+    write_run_settings(args, os.path.join(proj_dir, "run.json"),
+                       {"model": model_name, "trainable_params": n_train, "total_steps": plan.total_steps,
+                        "tokens_per_step": plan.tokens_per_step})
+    print(f"model: {describe(config)}; method: {A.method_label(args)}; trainable parameters: {n_train:,}")
+    from ..quant import frozen_weight_bytes
 
-    if _env_rank_zero():
-        remove_stale_temporaries(args.proj_dir)
-        model_name = args.model_preset or f"L{config.n_layer}-D{config.n_embd}"
-        write_run_settings(args, os.path.join(args.proj_dir, "run.json"),
-                           {"model": model_name, "trainable_params": n_train, "total_steps": total_steps,
-                            "tokens_per_step": tokens_per_step})
-        print(f"model: {describe(config)}; method: {A.method_label(args)}; trainable parameters: {n_train:,}")
-        from ..quant import frozen_weight_bytes
+    frozen, kinds = frozen_weight_bytes(model)
+    print(f"frozen weights: {frozen / 2**20:.1f} MB ({kinds})")
+    print(f"steps {start_step} -> {plan.total_steps}, {plan.tokens_per_step:,} tokens per step, "
+          f"strategy {cfg.hardware.strategy} on {plan.accelerator}, precision {A.precision_mode(args)}")
 
-        frozen, kinds = frozen_weight_bytes(model)
-        print(f"frozen weights: {frozen / 2**20:.1f} MB ({kinds})")
-        print(f"steps {start_step} -> {total_steps}, {tokens_per_step:,} tokens per step, "
-              f"strategy {args.strategy} on {accelerator}, precision {A.precision_mode(args)}")
 
-    offload = deepspeed_on and DEEPSPEED_STAGES[args.strategy][1]
-    module = RWKVTrainModule(model, args, start_step=start_step, total_steps=total_steps,
-                             optimizer_state=optimizer_state, offload_optimizer=offload,
-                             autocast_bf16=bf16 and not deepspeed_on)
-    module.sampler = sampler
-    module.objective = objective
-    run_name = f"rwkv6-{args.model_preset or f'L{config.n_layer}-D{config.n_embd}'} " \
-               f"{A.method_label(args)} ctx{args.ctx_len}"
-    recorder = RunRecorder(args, start_step=start_step, total_steps=total_steps, tokens_per_step=tokens_per_step,
-                           deepspeed_on=deepspeed_on, full_model=args.peft == "none", run_name=run_name,
-                           resume_info=resume_info, full_dtype=torch.bfloat16 if bf16 else torch.float32)
-    recorder.init_factors = ck.init_factor_buffers(model)
-    callbacks: list = [recorder]
-    if args.valid_data:
-        from .validate import Validator
+def build_trainer(cfg: TrainConfig, plan: RunPlan, callbacks: list, start_step: int):
+    import pytorch_lightning as pl
 
-        callbacks.insert(0, Validator(args, total_steps))  # before the recorder, which writes its numbers
-    trainer = pl.Trainer(
-        accelerator=accelerator,
-        devices=args.devices,
-        num_nodes=args.num_nodes,
-        strategy=build_strategy(args.strategy, accelerator),
-        precision=("bf16-mixed" if bf16 else "32-true") if deepspeed_on else "32-true",
-        max_steps=total_steps - start_step,
+    h = cfg.hardware
+    return pl.Trainer(
+        accelerator=plan.accelerator,
+        devices=h.devices,
+        num_nodes=h.num_nodes,
+        strategy=build_strategy(h.strategy, plan.accelerator),
+        precision=("bf16-mixed" if plan.bf16 else "32-true") if plan.deepspeed_on else "32-true",
+        max_steps=plan.total_steps - start_step,
         max_epochs=1,
-        accumulate_grad_batches=args.accumulate_grad_batches,
-        gradient_clip_val=args.grad_clip or None,
+        accumulate_grad_batches=cfg.data.accumulate_grad_batches,
+        gradient_clip_val=cfg.optim.grad_clip or None,
         logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=bool(args.progress),
+        enable_progress_bar=bool(cfg.run.progress),
         enable_model_summary=False,
         use_distributed_sampler=False,
         num_sanity_val_steps=0,
         callbacks=callbacks,
     )
-    return TrainRun(trainer, module, recorder, args)
+
+
+def build_run(args: argparse.Namespace) -> TrainRun | None:
+    """Check the data, load the model (+ adapters, + resumed state), build the Trainer; None when a
+    resumed run has nothing left to do."""
+    from .data import check_data_prefix, check_token_ids, open_sampler
+    from .module import RWKVTrainModule
+
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    quiet_lightning()
+    cfg = TrainConfig.from_args(args)
+    plan = plan_run(cfg)
+    d = cfg.data
+
+    # Everything that can be refused is refused before the first file is written.
+    config, base_sd = load_base(args)
+    if cfg.objective.objective == "grpo":  # prompts from a .jsonl, read again by the objective
+        from ..eval.records import load_records
+
+        load_records(d.data_file)  # a bad record is refused before anything is written
+        sampler = None
+    else:
+        check_data_prefix(d.data_file)
+        sampler = open_sampler(d.data_file, d.data_type, d.ctx_len, cfg.run.random_seed, d.magic_prime,
+                               sft_pack=d.sft_pack)
+        check_token_ids(d.data_file, config.vocab_size)
+    prepare_proj_dir(cfg.run.proj_dir)
+    resume_info = find_resume(args, plan)
+    start_step = int(resume_info["step"]) if resume_info is not None else 0
+    if start_step >= plan.total_steps:
+        print(f"the run in {cfg.run.proj_dir} already finished all {plan.total_steps} steps; nothing to do")
+        return None
+
+    quant = cfg.method["quant"]
+    if quant != "none":
+        from ..quant import check_device_support
+
+        check_device_support(quant, "cuda" if plan.accelerator == "gpu" else "cpu")
+    model = build_model(args, config, plan.bf16, base_sd)
+    del base_sd  # the model holds what it needs; drop the rest of the mapping
+    from .objectives.build import build_objective
+
+    # Before a resumed state loads: the reference snapshot is the adapter's start.
+    objective = build_objective(cfg.objective, cfg.run.random_seed, d.data_file, model)
+    if objective is not None and sampler is None:
+        from .data import PromptOrder
+
+        sampler = PromptOrder(len(objective.records), cfg.run.random_seed)
+    optimizer_state = None
+    if resume_info is not None and resume_info["kind"] == "plain":
+        ck.load_plain_trainables(model, resume_info)
+        optimizer_state = resume_info["optimizer"]
+    if _env_rank_zero():
+        announce(args, cfg, plan, config, model, start_step)
+
+    offload = plan.deepspeed_on and DEEPSPEED_STAGES[cfg.hardware.strategy][1]
+    module = RWKVTrainModule(model, cfg.optim, d, seed=cfg.run.random_seed, start_step=start_step,
+                             total_steps=plan.total_steps, optimizer_state=optimizer_state, offload_optimizer=offload,
+                             autocast_bf16=plan.bf16 and not plan.deepspeed_on)
+    module.sampler = sampler
+    module.objective = objective
+    run_name = f"rwkv6-{cfg.model.model_preset or f'L{config.n_layer}-D{config.n_embd}'} " \
+               f"{A.method_label(args)} ctx{d.ctx_len}"
+    metrics = MetricsLogger(cfg.run, d, flags=cfg.as_dict(), start_step=start_step, total_steps=plan.total_steps,
+                            tokens_per_step=plan.tokens_per_step, run_name=run_name, resume_info=resume_info)
+    saver = Saver(cfg.run, d, cfg.model, metrics=metrics, settings=cfg.as_namespace(),
+                  adapter_format=cfg.method["adapter_format"], start_step=start_step, total_steps=plan.total_steps,
+                  tokens_per_step=plan.tokens_per_step, deepspeed_on=plan.deepspeed_on,
+                  full_model=cfg.method["peft"] == "none", resume_info=resume_info,
+                  full_dtype=torch.bfloat16 if plan.bf16 else torch.float32)
+    saver.init_factors = ck.init_factor_buffers(model)
+    callbacks: list = [metrics, saver]  # the saver records the losses the logger has just averaged
+    if cfg.valid.valid_data:
+        from .validate import Validator
+
+        # Before the logger, which writes its numbers.
+        callbacks.insert(0, Validator(cfg.valid, d, cfg.run, plan.total_steps))
+    trainer = build_trainer(cfg, plan, callbacks, start_step)
+    return TrainRun(trainer, module, saver, cfg)

@@ -16,30 +16,31 @@ import math
 import pytorch_lightning as pl
 import torch
 
+from .config import DataConfig, RunConfig, ValidConfig
 
 VALID_COLUMNS = ("valid_loss", "valid_ppl", "valid_acc")
 
 
 class Validator(pl.Callback):
     """Computes the validation numbers on the steps it is due and leaves them in
-    `pl_module.valid_metrics` for RunRecorder (listed after it) to write."""
+    `pl_module.valid_metrics` for the MetricsLogger (listed after it) to write."""
 
-    def __init__(self, args, total_steps: int) -> None:
+    def __init__(self, valid: ValidConfig, data: DataConfig, run: RunConfig, total_steps: int) -> None:
         from ..data.tokenizer import load_tokenizer
         from ..eval.loss import docs_from_binidx, docs_from_jsonl
         from ..eval.records import load_records
 
-        self.args, self.total_steps = args, total_steps
-        self.tokenizer = load_tokenizer(args.valid_tokenizer or None)
-        if args.valid_data.endswith(".jsonl"):
-            self.docs = docs_from_jsonl(args.valid_data, self.tokenizer)
+        self.valid, self.data, self.run, self.total_steps = valid, data, run, total_steps
+        self.tokenizer = load_tokenizer(valid.valid_tokenizer or None)
+        if valid.valid_data.endswith(".jsonl"):
+            self.docs = docs_from_jsonl(valid.valid_data, self.tokenizer)
         else:
-            self.docs = docs_from_binidx(args.valid_data)
-        self.records = (load_records(args.valid_data, limit=args.valid_limit)
-                        if args.valid_task != "none" else None)
+            self.docs = docs_from_binidx(valid.valid_data)
+        self.records = (load_records(valid.valid_data, limit=valid.valid_limit)
+                        if valid.valid_task != "none" else None)
 
     def due(self, step: int) -> bool:
-        every = self.args.valid_every or self.args.epoch_steps
+        every = self.valid.valid_every or self.run.epoch_steps
         return step % every == 0 or step == self.total_steps
 
     @torch.no_grad()
@@ -51,14 +52,14 @@ class Validator(pl.Callback):
         was_training = model.training
         model.eval()
         amp = torch.autocast(device_type=pl_module.device.type, dtype=torch.bfloat16) \
-            if getattr(pl_module, "autocast_bf16", False) else contextlib.nullcontext()
+            if pl_module.autocast_bf16 else contextlib.nullcontext()
         try:
             with amp:
-                s = summarize_losses(doc_losses(model, self.docs, batch_size=self.args.micro_bsz))
+                s = summarize_losses(doc_losses(model, self.docs, batch_size=self.data.micro_bsz))
                 out = {"valid_loss": s["loss"], "valid_ppl": s["perplexity"]}
                 if self.records is not None:
-                    o = EvalOptions(model="", data=self.args.valid_data, task=self.args.valid_task,
-                                    max_tokens=self.args.valid_max_tokens, progress=False)
+                    o = EvalOptions(model="", data=self.valid.valid_data, task=self.valid.valid_task,
+                                    max_tokens=self.valid.valid_max_tokens, progress=False)
                     rows, _, _ = generate_answers(model, self.tokenizer, self.records, o)
                     out["valid_acc"] = sum(r["correct"] for r in rows) / len(rows)
         finally:
@@ -67,7 +68,7 @@ class Validator(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         pl_module.valid_metrics = {}
-        if (batch_idx + 1) % self.args.accumulate_grad_batches:
+        if (batch_idx + 1) % self.data.accumulate_grad_batches:
             return
         step = pl_module.start_step + trainer.global_step
         if not self.due(step):

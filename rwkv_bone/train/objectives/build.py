@@ -2,8 +2,6 @@
 exists, so the reference snapshot is the adapter's start (taken before any resumed state loads)."""
 from __future__ import annotations
 
-import argparse
-
 import torch
 from torch import Tensor
 
@@ -27,15 +25,15 @@ class DPOObjective:
 class GRPOObjective:
     metric_names = ("reward_mean", "reward_std", "kl", "completion_tokens", "clip_fraction")
 
-    def __init__(self, model, args: argparse.Namespace) -> None:
+    def __init__(self, model, args, seed: int, data_file: str) -> None:
         from ...data.tokenizer import load_tokenizer
         from ...eval.records import load_records
 
         self.reference = InitialWeights(model) if args.grpo_beta else None
         self.settings = GRPOSettings(args.num_generations, args.max_new_tokens, args.temperature, args.top_p,
                                      args.grpo_beta, args.grpo_epsilon, args.grpo_loss)
-        self.task, self.seed = args.reward, args.random_seed
-        self.records = load_records(args.data_file)
+        self.task, self.seed = args.reward, seed
+        self.records = load_records(data_file)
         self.tok = load_tokenizer(None)
         self.prompts = [self.tok.encode(r.prompt) for r in self.records]
 
@@ -59,11 +57,12 @@ class GRPOObjective:
         return loss, m, m["completion_tokens"] * len(idx) * self.settings.num_generations
 
 
-def build_objective(args: argparse.Namespace, model):
-    if args.objective == "dpo":
-        return DPOObjective(model, args.dpo_beta, args.dpo_loss)
-    if args.objective == "grpo":
-        return GRPOObjective(model, args)
+def build_objective(o, seed: int, data_file: str, model):
+    """o: the run's ObjectiveConfig (train/config.py)."""
+    if o.objective == "dpo":
+        return DPOObjective(model, o.dpo_beta, o.dpo_loss)
+    if o.objective == "grpo":
+        return GRPOObjective(model, o, seed, data_file)
     return None
 
 
