@@ -73,6 +73,7 @@ class HardwareConfig:
     devices: int
     num_nodes: int
     strategy: str
+    wkv_backend: str
 
     @property
     def world_size(self) -> int:
