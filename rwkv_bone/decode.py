@@ -141,5 +141,83 @@ how many rows it ended (progress bars)."""
     return out
 
 
+@dataclass
+class Rollout:
+    """One sampled completion: its tokens (the end-of-document token 0 included when it ended
+    there) and the log-probability of each under the sampled distribution softmax(logits / T)."""
+
+    tokens: list[int] = field(default_factory=list)
+    logps: list[float] = field(default_factory=list)
+    stopped: str = "length"                          # "eod" or "length"
+
+
+def sample_rows(logits: Tensor, temperature: float, top_p: float,
+                generator: Optional[torch.Generator]) -> tuple[Tensor, Tensor]:
+    """One token per row of logits (R, V), on the CPU in float32 (a seed gives the same draws on every
+    device): (tokens (R,), their log-probs under softmax(logits / T) (R,)). top_p keeps the smallest
+    set of most likely tokens whose mass reaches top_p, renormalised."""
+    z = logits.detach().float().cpu() / temperature
+    logp = torch.log_softmax(z, dim=-1)                                  # (R, V)
+    probs = logp.exp()
+    if top_p < 1:
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+        before = torch.cumsum(sorted_p, dim=-1) - sorted_p
+        sorted_p = torch.where(before < top_p, sorted_p, torch.zeros_like(sorted_p))
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (R,)
+    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+@torch.inference_mode()
+def sample_batch(model: RWKV6, prompts: Sequence[Sequence[int]], n: int, max_tokens: int, *,
+                 temperature: float = 1.0, top_p: float = 1.0,
+                 generator: Optional[torch.Generator] = None,
+                 vocab_limit: Optional[int] = None) -> list[list[Rollout]]:
+    """`n` sampled completions of every prompt (GRPO rollouts): each prompt is prefilled once and its
+    state repeated n times, then all rows decode together; a row ends after sampling token 0 (kept,
+    it is trained on) or after `max_tokens` tokens. Returns out[prompt][j]."""
+    if n < 1 or max_tokens < 1:
+        raise UserError(f"need at least one completion and one new token (got {n} and {max_tokens})")
+    if temperature <= 0:
+        raise UserError(f"temperature {temperature} must be positive for sampling")
+    V = model.config.vocab_size
+    out = [[Rollout() for _ in range(n)] for _ in prompts]
+    first, states = [], []
+    for p in prompts:
+        if len(p) == 0:
+            raise UserError("a prompt is empty; give the model some text to continue")
+        lg, st = feed(model, p)
+        first.append(lg[None].expand(n, -1))
+        states.append(cat_states([st] * n))
+    logits = torch.cat(first, dim=0)                   # (P * n, V)
+    state = cat_states(states)
+    active = [(i, j) for i in range(len(prompts)) for j in range(n)]
+    device = model.emb.weight.device
+    while active:
+        if vocab_limit is not None and vocab_limit < V:
+            logits = logits.clone()
+            logits[:, vocab_limit:] = float("-inf")
+        tokens, logps = sample_rows(logits, temperature, top_p, generator)
+        keep = []
+        for row, ((i, j), t, lp) in enumerate(zip(active, tokens.tolist(), logps.tolist())):
+            r = out[i][j]
+            r.tokens.append(t)
+            r.logps.append(lp)
+            if t == EOD_ID:
+                r.stopped = "eod"
+            elif len(r.tokens) < max_tokens:
+                keep.append(row)
+        if not keep:
+            break
+        tokens = tokens.to(device)
+        if len(keep) < len(active):
+            rows = torch.tensor(keep, dtype=torch.long, device=device)
+            active = [active[r] for r in keep]
+            tokens = tokens.index_select(0, rows)
+            state = keep_rows(state, rows)
+        logits, state = model.step(tokens, state)
+    return out
+
+
 __all__ = ["EOD_ID", "PROMPT_CHUNK", "feed", "advance", "cat_states", "keep_rows", "Completion",
-           "greedy_batch"]
+           "greedy_batch", "Rollout", "sample_rows", "sample_batch"]

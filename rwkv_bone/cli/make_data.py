@@ -64,6 +64,13 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None, prog: Optional[str] = None) -> int:
     a = build_parser(prog).parse_args(argv)
+    from ..data.prefs import is_preference_file, prepare_pairs
+
+    if is_preference_file(a.input):  # prompt/chosen/rejected records -> a DPO pair dataset
+        n = prepare_pairs(a.input, a.output, a.tokenizer, unescape(a.prompt_template), unescape(a.response_template))
+        print(f"wrote {a.output}.bin/.idx + .mask + .pairs.json: {n} preference pairs (train.py --objective dpo "
+              "--data_type pairs)")
+        return 0
     opts = PrepareOptions(
         input=a.input, output=a.output, tokenizer=a.tokenizer, input_format=a.input_format,
         format=a.format, text_field=a.text_field, prompt_field=a.prompt_field,

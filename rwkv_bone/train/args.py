@@ -11,6 +11,7 @@ import os
 from typing import Sequence
 
 from ..errors import UserError
+from .objectives.options import add_objective_args, validate_objective
 
 PEFT_METHODS = ("none", "bone", "lora", "pissa", "olora", "miss", "state")
 TRAIN_TYPES = ("none", "infctx")
@@ -65,9 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("data")
     g.add_argument("--data_file", default="", help="binidx prefix (PREFIX.bin / PREFIX.idx, no extension)")
-    g.add_argument("--data_type", default="binidx", choices=("binidx", "sft"),
+    g.add_argument("--data_type", default="binidx", choices=("binidx", "sft", "pairs"),
                    help="binidx: random ctx_len+1 windows of the token stream; sft: one document per sample "
-                        "with the loss mask PREFIX.mask.bin/.idx")
+                        "with the loss mask PREFIX.mask.bin/.idx; pairs: preference pairs (--objective dpo)")
     g.add_argument("--ctx_len", type=int, default=512, help="tokens per sample")
     g.add_argument("--sft_pack", type=_bool01, default=False,
                    help="1 (sft only): pack several documents into each ctx_len row, each starting from a "
@@ -154,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue from PROJ_DIR's last saved training state")
     g.add_argument("--dry_run", action="store_true", help="print dims and trainable parameter count, then exit")
     g.add_argument("--progress", type=_bool01, default=True, help="show the progress bar")
+
+    add_objective_args(p)
 
     g = p.add_argument_group("validation")
     g.add_argument("--valid_data", default="",
@@ -326,6 +329,7 @@ def validate(args: argparse.Namespace) -> None:
     validate_valid_args(args)
     if not args.data_file:
         raise UserError("--data_file is required: the binidx prefix (PREFIX.bin / PREFIX.idx, without extension)")
+    validate_objective(args)
     if args.sft_pack and args.data_type != "sft":
         raise UserError("--sft_pack 1 packs sft documents; it needs --data_type sft")
     if args.magic_prime and args.data_type == "sft":

@@ -48,7 +48,7 @@ def trim_metrics(path: str, last_step: int) -> None:
         rows = list(csv.reader(f))
     out = io.StringIO()
     w = csv.writer(out)
-    w.writerow(METRICS_HEADER)
+    w.writerow(rows[0] if rows else METRICS_HEADER)  # the run's own columns (objective metrics too)
     for row in rows[1:]:
         if row and row[0].isdigit() and int(row[0]) <= last_step:
             w.writerow(row)
@@ -125,10 +125,27 @@ class MetricsLogger(pl.Callback):
             if self.start_step:
                 trim_metrics(metrics, self.start_step)
             if not self.start_step or not os.path.isfile(metrics):
-                ck.text_atomic(",".join(METRICS_HEADER) + "\n", metrics)
+                ck.text_atomic(",".join(self.metrics_header(pl_module)) + "\n", metrics)
             if self.run.wandb:
                 self.wandb_run = start_wandb(self.run.wandb, self.run_name, self.flags, self.run.proj_dir)
         self.t_last = time.time()
+
+    @staticmethod
+    def metrics_header(pl_module) -> list[str]:
+        """metrics.csv's columns: the common ones, then the objective's (dpo / grpo) if any."""
+        objective = getattr(pl_module, "objective", None)
+        return METRICS_HEADER + list(getattr(objective, "metric_names", ()))
+
+    @staticmethod
+    def objective_metrics(trainer: pl.Trainer, pl_module) -> dict[str, float]:
+        """This step's dpo / grpo metrics, averaged over micro-batches and ranks."""
+        if getattr(pl_module, "objective", None) is None:
+            return {}
+        out = {}
+        for k, v in pl_module.take_objective_metrics().items():
+            v = v.to(pl_module.device)
+            out[k] = float(trainer.strategy.reduce(v, reduce_op="mean")) if trainer.world_size > 1 else float(v)
+        return out
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         self.micro_losses.append(pl_module.last_loss)
@@ -150,14 +167,22 @@ class MetricsLogger(pl.Callback):
         pl_module.log("kt/s", kts, prog_bar=True, logger=False, on_step=True, on_epoch=False, rank_zero_only=True)
         self.epoch_loss_sum += loss
         self.epoch_loss_count += 1
+        objective = self.objective_metrics(trainer, pl_module)  # on every rank: the reduce is collective
+        for k in ("reward_mean", "rewards_accuracy"):
+            if k in objective:
+                pl_module.log(k, objective[k], prog_bar=True, logger=False, on_step=True, on_epoch=False,
+                              rank_zero_only=True)
         if trainer.is_global_zero:
             tokens = step * self.tokens_per_step
             valid = getattr(pl_module, "valid_metrics", None) or {}  # set by train/validate.py's Validator
             vcols = ",".join(f"{valid[k]:.6f}" if k in valid else "" for k in ("valid_loss", "valid_ppl", "valid_acc"))
+            ocols = "".join(f",{objective[k]:.6f}" for k in self.metrics_header(pl_module)[len(METRICS_HEADER):])
             with open(self.path(METRICS_FILE), "a") as f:
-                f.write(f"{step},{loss:.6f},{lr:.8g},{tokens},{kts:.3f},{peak_memory_mb(pl_module.device):.1f},{vcols}\n")
+                f.write(f"{step},{loss:.6f},{lr:.8g},{tokens},{kts:.3f},{peak_memory_mb(pl_module.device):.1f},{vcols}"
+                        f"{ocols}\n")
             if self.wandb_run is not None:
-                self.wandb_run.log({"loss": loss, "lr": lr, "Gtokens": tokens / 1e9, "kt/s": kts, **valid}, step=step)
+                self.wandb_run.log({"loss": loss, "lr": lr, "Gtokens": tokens / 1e9, "kt/s": kts, **valid,
+                                    **objective}, step=step)
         if epoch_end(step, self.run.epoch_steps, self.total_steps):
             epoch = self.run.epoch_of(step)
             self.epoch_mean = self.epoch_loss_sum / max(1, self.epoch_loss_count)

@@ -73,6 +73,7 @@ class HardwareConfig:
     devices: int
     num_nodes: int
     strategy: str
+    wkv_backend: str
 
     @property
     def world_size(self) -> int:
@@ -113,8 +114,26 @@ class ValidConfig:
     valid_tokenizer: str
 
 
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """--objective and its settings (rwkv_bone/train/objectives/options.py)."""
+    objective: str
+    dpo_beta: float
+    dpo_loss: str
+    reward: str
+    num_generations: int
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    grpo_beta: float
+    grpo_epsilon: float
+    grpo_iterations: int
+    grpo_loss: str
+
+
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig,
-                             "hardware": HardwareConfig, "run": RunConfig, "valid": ValidConfig}
+                             "hardware": HardwareConfig, "run": RunConfig, "valid": ValidConfig,
+                             "objective": ObjectiveConfig}
 
 
 def section_fields(cls: type) -> tuple[str, ...]:
@@ -133,6 +152,7 @@ class TrainConfig:
     hardware: HardwareConfig
     run: RunConfig
     valid: ValidConfig
+    objective: ObjectiveConfig
     method: Mapping[str, Any]  # adapter flags (--peft, --bone_b, ...), read-only
     order: tuple[str, ...] = ()  # the flags in parser order, for as_dict
 

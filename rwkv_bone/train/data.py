@@ -121,6 +121,49 @@ class SFTDocuments:
         return s[:-1], s[1:], m[1:], np.int64(max(0, toks.shape[0] - 1))
 
 
+class PairDocuments(SFTDocuments):
+    """Preference pairs (make_data.py on prompt/chosen/rejected records): documents 2i (prompt +
+    chosen) and 2i + 1 (prompt + rejected), masks on the responses. A sample is one pair: x, y, mask
+    (2, T) and real positions (2,); a new pair order every pass."""
+
+    def __init__(self, reader: TokenReader, mask: TokenReader, ctx_len: int, seed: int) -> None:
+        super().__init__(reader, mask, ctx_len, seed)
+        if self.n_docs % 2:
+            raise UserError("the pair data holds an odd number of documents; rebuild it with make_data.py "
+                            "from prompt/chosen/rejected records")
+        self.n_docs //= 2  # the order runs over pairs
+
+    def __call__(self, g: int) -> tuple[np.ndarray, ...]:
+        data_pass, pos = divmod(g, self.n_docs)
+        pair = int(self.order(data_pass)[pos])
+        rows = [self.document(2 * pair + k) for k in (0, 1)]
+        return tuple(np.stack(parts) for parts in zip(*rows))
+
+    def document(self, doc: int) -> tuple[np.ndarray, ...]:
+        T1 = self.ctx_len + 1
+        toks = np.asarray(self.reader.get(doc, 0, min(T1, int(self.reader.sizes[doc]))), dtype=np.int64)
+        msk = np.asarray(self.mask.get(doc, 0, toks.shape[0]), dtype=np.float32)
+        s = np.zeros(T1, dtype=np.int64)
+        m = np.zeros(T1, dtype=np.float32)
+        s[:toks.shape[0]], m[:msk.shape[0]] = toks, msk
+        return s[:-1], s[1:], m[1:], np.int64(max(0, toks.shape[0] - 1))
+
+
+class PromptOrder:
+    """GRPO: sample g is the index of one prompt record; a new order every pass."""
+
+    def __init__(self, n_records: int, seed: int) -> None:
+        self.n, self.seed = n_records, seed
+        self._pass, self._perm = -1, np.empty(0, dtype=np.int64)
+
+    def __call__(self, g: int) -> tuple[np.ndarray, ...]:
+        data_pass, pos = divmod(g, self.n)
+        if data_pass != self._pass:
+            self._perm = np.random.default_rng([self.seed, 2, data_pass]).permutation(self.n)
+            self._pass = data_pass
+        return (np.int64(self._perm[pos]),)
+
+
 PACK_WINDOW = 64  # open rows first-fit looks at (bounds the packing cost at O(documents x window))
 
 
@@ -243,6 +286,14 @@ def open_sampler(data_file: str, data_type: str, ctx_len: int, seed: int, magic_
     data_file = split_prefix(data_file)
     _need_pair(data_file, "the data file")
     reader = MMapIndexedDataset(data_file)
+    if data_type == "pairs":
+        masks = load_masks(data_file, reader)
+        if masks is None or not os.path.isfile(data_file + ".pairs.json"):
+            raise UserError(f"--data_type pairs needs a pair dataset ({data_file}.pairs.json beside the data); "
+                            "make it with make_data.py from prompt/chosen/rejected records")
+        return PairDocuments(reader, masks, ctx_len, seed)
+    if os.path.isfile(data_file + ".pairs.json"):
+        raise UserError(f"{data_file} holds preference pairs; train it with --objective dpo --data_type pairs")
     if data_type == "sft":
         masks = load_masks(data_file, reader)
         if masks is None:

@@ -74,6 +74,11 @@ class RWKVTrainModule(pl.LightningModule):
         # Real (non-padding) positions trained since the last take_real_tokens(), summed on the
         # batch's device (read once per optimizer step, so no host sync per micro-batch).
         self.real_tokens: Tensor | int = 0
+        # dpo / grpo (rwkv_bone.train.objectives.build); None = next-token loss. Their per-step
+        # metrics are averaged over the step's micro-batches and read by the recorder.
+        self.objective = None
+        self.objective_sums: dict[str, Tensor] = {}
+        self.objective_count = 0
 
     def train_dataloader(self) -> DataLoader:
         a = self.data
@@ -105,6 +110,8 @@ class RWKVTrainModule(pl.LightningModule):
         micro = batch_idx % self.data.accumulate_grad_batches
         # Dropout (LoRA) randomness as a pure function of the position in the run.
         torch.manual_seed(hash((self.seed, self.step, self.global_rank, micro)) % (2**63))
+        if self.objective is not None:
+            return self.objective_step(batch, micro)
         x, y = batch[0], batch[1]  # (B, T) int64 each
         mask = batch[2] if len(batch) > 2 else None  # (B, T) float32, sft only
         # sft: (B,) int64 real positions per row; packed sft: (B, T) bool document starts.
@@ -117,6 +124,24 @@ class RWKVTrainModule(pl.LightningModule):
         self.step_losses.append(self.last_loss)
         self.log("loss", self.last_loss, prog_bar=True, logger=False, on_step=True, on_epoch=False)
         return loss
+
+    def objective_step(self, batch: tuple[Tensor, ...], micro: int) -> Tensor:
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
+            loss, metrics, real = self.objective(self, batch, micro)
+        self.real_tokens = self.real_tokens + real
+        for k, v in metrics.items():
+            self.objective_sums[k] = self.objective_sums.get(k, 0) + v.detach().float().to(self.device)
+        self.objective_count += 1
+        self.last_loss = loss.detach()
+        self.step_losses.append(self.last_loss)
+        self.log("loss", self.last_loss, prog_bar=True, logger=False, on_step=True, on_epoch=False)
+        return loss
+
+    def take_objective_metrics(self) -> dict[str, Tensor]:
+        """This step's objective metrics (means over its micro-batches), on the device."""
+        out = {k: v / max(1, self.objective_count) for k, v in self.objective_sums.items()}
+        self.objective_sums, self.objective_count = {}, 0
+        return out
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """One check (one host sync) per optimizer step, before the update: a NaN/inf loss in any

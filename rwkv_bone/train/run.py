@@ -287,11 +287,17 @@ def build_run(args: argparse.Namespace) -> TrainRun | None:
     d = cfg.data
 
     # Everything that can be refused is refused before the first file is written.
-    check_data_prefix(d.data_file)
-    sampler = open_sampler(d.data_file, d.data_type, d.ctx_len, cfg.run.random_seed, d.magic_prime,
-                           sft_pack=d.sft_pack)
     config, base_sd = load_base(args)
-    check_token_ids(d.data_file, config.vocab_size)
+    if cfg.objective.objective == "grpo":  # prompts from a .jsonl, read again by the objective
+        from ..eval.records import load_records
+
+        load_records(d.data_file)  # a bad record is refused before anything is written
+        sampler = None
+    else:
+        check_data_prefix(d.data_file)
+        sampler = open_sampler(d.data_file, d.data_type, d.ctx_len, cfg.run.random_seed, d.magic_prime,
+                               sft_pack=d.sft_pack)
+        check_token_ids(d.data_file, config.vocab_size)
     prepare_proj_dir(cfg.run.proj_dir)
     resume_info = find_resume(args, plan)
     start_step = int(resume_info["step"]) if resume_info is not None else 0
@@ -306,6 +312,14 @@ def build_run(args: argparse.Namespace) -> TrainRun | None:
         check_device_support(quant, "cuda" if plan.accelerator == "gpu" else "cpu")
     model = build_model(args, config, plan.bf16, base_sd)
     del base_sd  # the model holds what it needs; drop the rest of the mapping
+    from .objectives.build import build_objective
+
+    # Before a resumed state loads: the reference snapshot is the adapter's start.
+    objective = build_objective(cfg.objective, cfg.run.random_seed, d.data_file, model)
+    if objective is not None and sampler is None:
+        from .data import PromptOrder
+
+        sampler = PromptOrder(len(objective.records), cfg.run.random_seed)
     optimizer_state = None
     if resume_info is not None and resume_info["kind"] == "plain":
         ck.load_plain_trainables(model, resume_info)
@@ -318,6 +332,7 @@ def build_run(args: argparse.Namespace) -> TrainRun | None:
                              total_steps=plan.total_steps, optimizer_state=optimizer_state, offload_optimizer=offload,
                              autocast_bf16=plan.bf16 and not plan.deepspeed_on)
     module.sampler = sampler
+    module.objective = objective
     run_name = f"rwkv6-{cfg.model.model_preset or f'L{config.n_layer}-D{config.n_embd}'} " \
                f"{A.method_label(args)} ctx{d.ctx_len}"
     metrics = MetricsLogger(cfg.run, d, flags=cfg.as_dict(), start_step=start_step, total_steps=plan.total_steps,

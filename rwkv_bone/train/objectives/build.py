@@ -1,0 +1,69 @@
+"""The objective a run trains (None = next-token loss), built from train.py's flags once the model
+exists, so the reference snapshot is the adapter's start (taken before any resumed state loads)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .dpo import dpo_batch_loss
+from .grpo import GRPOSettings, grpo_batch_loss
+from .reference import InitialWeights
+
+
+class DPOObjective:
+    metric_names = ("rewards_chosen", "rewards_rejected", "rewards_accuracy", "rewards_margin")
+
+    def __init__(self, model, beta: float, kind: str) -> None:
+        self.reference, self.beta, self.kind = InitialWeights(model), beta, kind
+
+    def __call__(self, module, batch: tuple[Tensor, ...], micro: int):
+        x, y, mask, real = batch[:4]                        # (B, 2, T) x3, (B, 2)
+        loss, m = dpo_batch_loss(module.model, self.reference, x, y, mask, self.beta, self.kind)
+        return loss, m, real.sum()
+
+
+class GRPOObjective:
+    metric_names = ("reward_mean", "reward_std", "kl", "completion_tokens", "clip_fraction")
+
+    def __init__(self, model, args, seed: int, data_file: str) -> None:
+        from ...data.tokenizer import load_tokenizer
+        from ...eval.records import load_records
+
+        self.reference = InitialWeights(model) if args.grpo_beta else None
+        self.settings = GRPOSettings(args.num_generations, args.max_new_tokens, args.temperature, args.top_p,
+                                     args.grpo_beta, args.grpo_epsilon, args.grpo_loss)
+        self.task, self.seed = args.reward, seed
+        self.records = load_records(data_file)
+        self.tok = load_tokenizer(None)
+        self.prompts = [self.tok.encode(r.prompt) for r in self.records]
+
+    def reward(self, record: int, tokens: list[int]) -> float:
+        """eval.py's verdict on one completion: 1 correct, 0 not."""
+        from ...eval.answers import extract, is_correct
+        from ...eval.evaluate import STOP_TEXT, cut_at_stop
+
+        text = cut_at_stop(self.tok.decode([t for t in tokens if t != 0]), (STOP_TEXT,))
+        gold = extract(self.task, self.records[record].answer)
+        return float(is_correct(self.task, extract(self.task, text), gold))
+
+    def __call__(self, module, batch: tuple[Tensor, ...], micro: int):
+        idx = [int(i) for i in batch[0].tolist()]
+        # Samples are a pure function of (seed, step, rank, micro-batch): --resume draws the same.
+        g = torch.Generator().manual_seed(hash((self.seed, module.step, module.global_rank, micro)) % (2**63))
+        was_training = module.model.training
+        loss, m = grpo_batch_loss(module.model, self.reference, [self.prompts[i] for i in idx],
+                                  lambda i, toks: self.reward(idx[i], toks), self.settings, g)
+        module.model.train(was_training)
+        return loss, m, m["completion_tokens"] * len(idx) * self.settings.num_generations
+
+
+def build_objective(o, seed: int, data_file: str, model):
+    """o: the run's ObjectiveConfig (train/config.py)."""
+    if o.objective == "dpo":
+        return DPOObjective(model, o.dpo_beta, o.dpo_loss)
+    if o.objective == "grpo":
+        return GRPOObjective(model, o, seed, data_file)
+    return None
+
+
+__all__ = ["DPOObjective", "GRPOObjective", "build_objective"]

@@ -1,0 +1,136 @@
+"""Group relative policy optimisation (Shao et al. 2024) with the normalisations HF TRL names.
+
+Each prompt q gets G sampled completions o_1..o_G with rewards r_i (eval.py's scorer: 1 / 0):
+
+    A_i = (r_i - mean(r)) / (std(r) + 1e-4)          (dr_grpo: r_i - mean(r), no division)
+
+std is the unbiased one over the group, as TRL computes it; a group whose rewards are all equal has
+A = 0 and contributes nothing. Per completion token t (log-probs from logits / temperature):
+
+    rho_t = pi(o_t | ...) / pi_old(o_t | ...)
+    l_t   = -min(rho_t A_i, clip(rho_t, 1 - eps, 1 + eps) A_i) + beta KL_t
+    KL_t  = pi_ref / pi - log(pi_ref / pi) - 1      (k3 estimator, >= 0)
+
+Normalisation of the sum of l_t over the batch's N completions (mask = completion tokens):
+    grpo     mean over each completion's tokens, then over completions
+    dapo     sum over all tokens / their count
+    dr_grpo  sum over all tokens / (N * max_new_tokens)
+Reported: kl (masked token mean of KL_t) and clip_fraction (share of tokens where the clip is the
+active side of the min: rho < 1 - eps with A < 0, or rho > 1 + eps with A > 0).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+GRPO_LOSSES = ("grpo", "dr_grpo", "dapo")
+STD_EPS = 1e-4
+
+
+def group_advantages(rewards: Tensor, scale: bool = True) -> Tensor:
+    """rewards (P, G) -> advantages (P, G); scale=False is dr_grpo's (no std division)."""
+    if rewards.shape[-1] < 2:
+        raise ValueError("GRPO needs at least two completions per prompt to compare them")
+    centred = rewards - rewards.mean(dim=-1, keepdim=True)
+    if not scale:
+        return centred
+    return centred / (rewards.std(dim=-1, keepdim=True) + STD_EPS)
+
+
+def grpo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
+              ref_logp: Tensor | None = None, beta: float = 0.0, epsilon: float = 0.2,
+              kind: str = "grpo", max_new_tokens: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """logp, old_logp, ref_logp (N, T) per-token log-probs of the sampled tokens; advantages (N,);
+    mask (N, T) (1 = completion token). Returns the loss and {kl, clip_fraction} (detached)."""
+    if kind not in GRPO_LOSSES:
+        raise ValueError(f"unknown GRPO loss {kind!r}; choose one of {', '.join(GRPO_LOSSES)}")
+    m = mask.to(logp.dtype)
+    a = advantages.to(logp.dtype).unsqueeze(-1)                     # (N, 1)
+    ratio = torch.exp(logp - old_logp)
+    clipped = torch.clamp(ratio, 1.0 - epsilon, 1.0 + epsilon)
+    per_token = -torch.minimum(ratio * a, clipped * a)
+    if beta and ref_logp is not None:
+        d = ref_logp - logp
+        kl = torch.exp(d) - d - 1.0
+        per_token = per_token + beta * kl
+    else:
+        kl = torch.zeros_like(logp)
+    tokens = m.sum().clamp(min=1.0)
+    if kind == "grpo":
+        loss = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+    elif kind == "dapo":
+        loss = (per_token * m).sum() / tokens
+    else:
+        if max_new_tokens is None:
+            raise ValueError("dr_grpo normalises by max_new_tokens; pass it")
+        loss = (per_token * m).sum() / (logp.shape[0] * max_new_tokens)
+    with torch.no_grad():
+        active = ((ratio < 1.0 - epsilon) & (a < 0)) | ((ratio > 1.0 + epsilon) & (a > 0))
+        metrics = {"kl": (kl.detach() * m).sum() / tokens,
+                   "clip_fraction": (active.to(m.dtype) * m).sum() / tokens}
+    return loss, metrics
+
+
+@dataclass(frozen=True)
+class GRPOSettings:
+    num_generations: int = 8
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    beta: float = 0.0
+    epsilon: float = 0.2
+    loss: str = "grpo"
+
+
+def completion_rows(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """prompt + completion per row, as next-token training rows padded with 0: x, y (N, T) int64 and
+    mask (N, T) float32, 1 exactly where y is a completion token."""
+    T = max(len(p) + len(c) - 1 for p, c in zip(prompts, completions))
+    N = len(completions)
+    x = torch.zeros(N, T, dtype=torch.long)
+    y = torch.zeros(N, T, dtype=torch.long)
+    mask = torch.zeros(N, T)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        ids = torch.tensor(list(p) + list(c), dtype=torch.long)
+        n = ids.numel() - 1
+        x[i, :n], y[i, :n] = ids[:-1], ids[1:]
+        mask[i, len(p) - 1:n] = 1.0
+    return x, y, mask
+
+
+def grpo_batch_loss(model, reference, prompts: Sequence[Sequence[int]],
+                    reward: Callable[[int, list[int]], float], s: GRPOSettings,
+                    generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+    """One GRPO micro-batch: G rollouts per prompt with the shared batched decoder, rewards
+    reward(prompt index, completion tokens), group advantages, and the clipped loss on the
+    completions (one policy update per batch of rollouts, so pi_old = pi: rho = 1 numerically)."""
+    from ...decode import sample_batch
+    from .logps import token_logps
+
+    G = s.num_generations
+    rollouts = sample_batch(model, prompts, G, s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                            generator=generator)
+    rewards = torch.tensor([[float(reward(i, r.tokens)) for r in group] for i, group in enumerate(rollouts)])
+    adv = group_advantages(rewards, scale=s.loss != "dr_grpo").flatten()               # (P * G,)
+    rows_p = [p for p in prompts for _ in range(G)]
+    rows_c = [r.tokens for group in rollouts for r in group]
+    device = model.emb.weight.device
+    x, y, mask = (t.to(device) for t in completion_rows(rows_p, rows_c))
+    logp = token_logps(model, x, y, s.temperature)                                    # (N, T)
+    ref = None
+    if s.beta and reference is not None:
+        with torch.no_grad(), reference.swapped_in(model):
+            ref = token_logps(model, x, y, s.temperature)
+    loss, m = grpo_loss(logp, logp.detach(), adv.to(device), mask, ref_logp=ref, beta=s.beta,
+                        epsilon=s.epsilon, kind=s.loss, max_new_tokens=s.max_new_tokens)
+    m.update(reward_mean=rewards.mean(), reward_std=rewards.flatten().std(),
+             completion_tokens=torch.tensor(float(sum(len(c) for c in rows_c)) / len(rows_c)))
+    return loss, m
+
+
+__all__ = ["GRPO_LOSSES", "GRPOSettings", "group_advantages", "grpo_loss", "completion_rows",
+           "grpo_batch_loss"]

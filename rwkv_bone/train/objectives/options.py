@@ -1,0 +1,79 @@
+"""train.py's objective flags (--objective lm|dpo|grpo and their settings) and the combinations
+that cannot work, each refused in one sentence before anything is written. No torch here, so
+`train.py --help` stays instant."""
+from __future__ import annotations
+
+import argparse
+import math
+
+from ...errors import UserError
+
+OBJECTIVES = ("lm", "dpo", "grpo")
+DPO_LOSSES = ("sigmoid", "ipo")
+GRPO_LOSSES = ("grpo", "dr_grpo", "dapo")
+REWARDS = ("gsm8k", "math", "exact")
+
+
+def add_objective_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("objective")
+    g.add_argument("--objective", default="lm", choices=OBJECTIVES,
+                   help="lm: next-token loss; dpo: preference pairs (--data_type pairs); grpo: sampled answers "
+                        "to the prompts of a .jsonl --data_file rewarded by --reward")
+    g.add_argument("--dpo_beta", type=float, default=0.1, help="DPO / IPO beta")
+    g.add_argument("--dpo_loss", default="sigmoid", choices=DPO_LOSSES, help="DPO loss (TRL's loss_type names)")
+    g.add_argument("--reward", default="", help=f"grpo: the scorer of eval.py that rewards an answer ({', '.join(REWARDS)})")
+    g.add_argument("--num_generations", type=int, default=8, help="grpo: completions sampled per prompt")
+    g.add_argument("--max_new_tokens", type=int, default=256, help="grpo: tokens per completion at most")
+    g.add_argument("--temperature", type=float, default=1.0, help="grpo: sampling temperature")
+    g.add_argument("--top_p", type=float, default=1.0, help="grpo: nucleus sampling mass")
+    g.add_argument("--grpo_beta", type=float, default=0.0,
+                   help="grpo: weight of the k3 KL to the reference (0 skips the reference pass)")
+    g.add_argument("--grpo_epsilon", type=float, default=0.2, help="grpo: ratio clip")
+    g.add_argument("--grpo_iterations", type=int, default=1, help="grpo: policy updates per batch of rollouts")
+    g.add_argument("--grpo_loss", default="grpo", choices=GRPO_LOSSES,
+                   help="grpo: normalisation of the token losses (TRL's loss_type names)")
+
+
+def validate_objective(args: argparse.Namespace) -> None:
+    o = args.objective
+    for name in ("dpo_beta", "temperature", "top_p", "grpo_beta", "grpo_epsilon"):
+        if not math.isfinite(getattr(args, name)):
+            raise UserError(f"--{name} {getattr(args, name)} is not a finite number; give a plain number")
+    if o == "lm":
+        if args.data_type == "pairs":
+            raise UserError("--data_type pairs holds preference pairs; train them with --objective dpo")
+        return
+    if args.peft == "none":
+        raise UserError(f"--objective {o} takes its reference from the model with the adapter at its start; "
+                        "with --peft none that would be a second whole model, so use an adapter (e.g. --peft bone)")
+    if args.strategy.startswith("deepspeed_stage_3"):
+        raise UserError(f"--objective {o} swaps the reference weights in place, which ZeRO-3's sharded "
+                        "weights do not allow; use deepspeed_stage_1 or deepspeed_stage_2")
+    if args.train_type == "infctx" or args.sft_pack:
+        raise UserError(f"--objective {o} runs whole sequences; drop --train_type infctx and --sft_pack")
+    if o == "dpo":
+        if args.data_type != "pairs":
+            raise UserError("--objective dpo needs preference pairs: make them with make_data.py from "
+                            "prompt/chosen/rejected records and pass --data_type pairs")
+        if args.dpo_beta <= 0:
+            raise UserError(f"--dpo_beta must be positive, got {args.dpo_beta}")
+        return
+    if args.reward not in REWARDS:
+        shown = f"unknown reward {args.reward!r}" if args.reward else "--objective grpo needs --reward"
+        raise UserError(f"{shown}; choose one of {', '.join(REWARDS)} (eval.py's scorers)")
+    if args.num_generations < 2:
+        raise UserError(f"--num_generations {args.num_generations}: GRPO compares the completions of each "
+                        "prompt with each other, so it needs at least 2")
+    if args.max_new_tokens < 1 or args.temperature <= 0 or not 0 < args.top_p <= 1:
+        raise UserError("--max_new_tokens must be at least 1, --temperature positive and --top_p in (0, 1]")
+    if args.grpo_beta < 0 or not 0 <= args.grpo_epsilon < 1:
+        raise UserError("--grpo_beta must not be negative and --grpo_epsilon must lie in [0, 1)")
+    if args.grpo_iterations != 1:
+        raise UserError("--grpo_iterations above 1 (several updates per batch of rollouts) is not built yet; "
+                        "use 1")
+    if not args.data_file.endswith(".jsonl"):
+        raise UserError("--objective grpo samples answers to questions: give --data_file as a .jsonl of "
+                        "records eval.py reads (question/answer, query/response, problem/solution)")
+
+
+__all__ = ["OBJECTIVES", "add_objective_args", "validate_objective"]
