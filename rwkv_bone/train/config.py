@@ -121,6 +121,7 @@ class ObjectiveConfig:
     dpo_beta: float
     dpo_loss: str
     reward: str
+    tokenizer: str
     num_generations: int
     max_new_tokens: int
     temperature: float

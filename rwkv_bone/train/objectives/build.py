@@ -34,8 +34,16 @@ class GRPOObjective:
                                      args.grpo_beta, args.grpo_epsilon, args.grpo_loss)
         self.task, self.seed = args.reward, seed
         self.records = load_records(data_file)
-        self.tok = load_tokenizer(None)
+        from ...errors import UserError
+
+        self.tok = load_tokenizer(args.tokenizer or None)
         self.prompts = [self.tok.encode(r.prompt) for r in self.records]
+        V = model.config.vocab_size
+        top = max(max(p) for p in self.prompts)
+        if top >= V:
+            raise UserError(f"the prompts of {data_file} hold token id {top}, beyond the model's vocabulary "
+                            f"(0..{V - 1}); pass the --tokenizer the model was trained with")
+        self.vocab_limit = min(V, self.tok.vocab_size)
 
     def reward(self, record: int, tokens: list[int]) -> float:
         """eval.py's verdict on one completion: 1 correct, 0 not."""
@@ -47,12 +55,13 @@ class GRPOObjective:
         return float(is_correct(self.task, extract(self.task, text), gold))
 
     def __call__(self, module, batch: tuple[Tensor, ...], micro: int):
-        idx = [int(i) for i in batch[0].tolist()]
+        idx = [int(i) for i in batch[0].flatten().tolist()]  # (B, 1) record indices
         # Samples are a pure function of (seed, step, rank, micro-batch): --resume draws the same.
         g = torch.Generator().manual_seed(hash((self.seed, module.step, module.global_rank, micro)) % (2**63))
         was_training = module.model.training
         loss, m = grpo_batch_loss(module.model, self.reference, [self.prompts[i] for i in idx],
-                                  lambda i, toks: self.reward(idx[i], toks), self.settings, g)
+                                  lambda i, toks: self.reward(idx[i], toks), self.settings, g,
+                                  vocab_limit=self.vocab_limit)
         module.model.train(was_training)
         return loss, m, m["completion_tokens"] * len(idx) * self.settings.num_generations
 

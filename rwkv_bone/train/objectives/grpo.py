@@ -104,7 +104,7 @@ def completion_rows(prompts: Sequence[Sequence[int]], completions: Sequence[Sequ
 
 def grpo_batch_loss(model, reference, prompts: Sequence[Sequence[int]],
                     reward: Callable[[int, list[int]], float], s: GRPOSettings,
-                    generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+                    generator: torch.Generator, vocab_limit: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """One GRPO micro-batch: G rollouts per prompt with the shared batched decoder, rewards
     reward(prompt index, completion tokens), group advantages, and the clipped loss on the
     completions (one policy update per batch of rollouts, so pi_old = pi: rho = 1 numerically)."""
@@ -113,7 +113,7 @@ def grpo_batch_loss(model, reference, prompts: Sequence[Sequence[int]],
 
     G = s.num_generations
     rollouts = sample_batch(model, prompts, G, s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                            generator=generator)
+                            generator=generator, vocab_limit=vocab_limit)
     rewards = torch.tensor([[float(reward(i, r.tokens)) for r in group] for i, group in enumerate(rollouts)])
     adv = group_advantages(rewards, scale=s.loss != "dr_grpo").flatten()               # (P * G,)
     rows_p = [p for p in prompts for _ in range(G)]

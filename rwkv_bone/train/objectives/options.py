@@ -22,6 +22,8 @@ def add_objective_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dpo_beta", type=float, default=0.1, help="DPO / IPO beta")
     g.add_argument("--dpo_loss", default="sigmoid", choices=DPO_LOSSES, help="DPO loss (TRL's loss_type names)")
     g.add_argument("--reward", default="", help=f"grpo: the scorer of eval.py that rewards an answer ({', '.join(REWARDS)})")
+    g.add_argument("--tokenizer", default="",
+                   help="grpo: tokenizer of the .jsonl prompts, tokenizer.json or World vocab .txt (default World)")
     g.add_argument("--num_generations", type=int, default=8, help="grpo: completions sampled per prompt")
     g.add_argument("--max_new_tokens", type=int, default=256, help="grpo: tokens per completion at most")
     g.add_argument("--temperature", type=float, default=1.0, help="grpo: sampling temperature")
