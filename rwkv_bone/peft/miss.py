@@ -98,6 +98,9 @@ class MissLinear(nn.Module):
 
 
 # ---- registry entry (see registry.py) ------------------------------------------------------------
+OPTIONS = ("miss_r", "miss_mode", "miss_mini_r")   # the flags settings() reads
+
+
 def settings(options: dict) -> dict:
     r = int(options.get("miss_r", 64))
     mode = options.get("miss_mode", "default") or "default"
