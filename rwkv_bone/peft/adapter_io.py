@@ -18,7 +18,7 @@ from ..errors import UserError
 from .formats import ADAPTER_FORMATS, hf_peft, ours, read_adapter
 from .formats.common import META_KEY, AdapterFile
 from .inject import adapter_modules, apply_peft, mark_trainable, trainable_part_params
-from .registry import get_method
+from .registry import OPTIONS, get_method
 
 FORMAT = ours.FORMAT
 
@@ -188,8 +188,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, lora_alpha: float | 
                         (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else "") +
                         " that the model does not train; check its targets and train parts")
     if not wrapped and not has_state:
-        options = {k: meta[k] for k in ("bone_b", "bone_mode", "lora_r", "lora_alpha", "lora_dropout",
-                                        "svd_niter", "miss_r", "miss_mode", "miss_mini_r") if k in meta}
+        options = {k: meta[k] for k in OPTIONS if k in meta}
         if meta["method"] in ("pissa", "olora"):
             options["pissa_r"] = options.get("lora_r")
         factors = {n: (t["init_lora_A"], t["init_lora_B"]) for n, t in af.layers.items()

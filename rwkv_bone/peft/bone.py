@@ -36,7 +36,7 @@ from ..errors import UserError
 from ..quant import base_weight
 from .fold import fold_into_linear
 
-BONE_MODES = ("row", "col", "ab")
+from ..peft_names import BONE_MODES  # noqa: E402  (the one list; parsers read it without torch)
 
 
 def _blockwise(xv: torch.Tensor, m: torch.Tensor, transpose: bool) -> torch.Tensor:
@@ -249,6 +249,9 @@ class BoneLinear(nn.Module):
 
 
 # ---- registry entry (see registry.py) ------------------------------------------------------------
+OPTIONS = ("bone_b", "bone_mode")          # the flags settings() reads
+
+
 def settings(options: dict) -> dict:
     mode = options.get("bone_mode", "row")
     if mode not in BONE_MODES:
@@ -282,3 +285,8 @@ def merged(w: torch.Tensor, s: dict, t: dict[str, torch.Tensor]) -> torch.Tensor
 
 def label(s: dict) -> str:
     return f"bone-{s['bone_mode']} b={s['bone_b']}"
+
+
+def peft_folder(s: dict) -> bool:
+    """--adapter_format peft (an HF PEFT folder) holds the col variant only."""
+    return s["bone_mode"] == "col"

@@ -118,6 +118,13 @@ class LoraLinear(nn.Module):
 
 
 # ---- registry entries (see registry.py): lora, pissa and olora share everything but the init --------
+def options_for(method: str) -> tuple[str, ...]:
+    """The flags settings_for(method) reads (lora_alpha only counts for plain LoRA; pissa/olora use scale 1)."""
+    if method == "pissa":
+        return ("lora_r", "pissa_r", "svd_niter", "lora_alpha")
+    return ("lora_r", "lora_alpha", "lora_dropout")
+
+
 def settings_for(method: str):
     def settings(options: dict) -> dict:
         pissa_r = options.get("pissa_r")

@@ -25,7 +25,7 @@ from torch import nn
 from ..errors import UserError
 from .fold import fold_into_linear
 
-MISS_MODES = ("default", "mini")
+from ..peft_names import MISS_MODES  # noqa: E402  (the one list; parsers read it without torch)
 
 
 def miss_full(block: torch.Tensor, out_features: int) -> torch.Tensor:
@@ -98,6 +98,9 @@ class MissLinear(nn.Module):
 
 
 # ---- registry entry (see registry.py) ------------------------------------------------------------
+OPTIONS = ("miss_r", "miss_mode", "miss_mini_r")   # the flags settings() reads
+
+
 def settings(options: dict) -> dict:
     r = int(options.get("miss_r", 64))
     mode = options.get("miss_mode", "default") or "default"

@@ -35,6 +35,9 @@ def apply_model(model: nn.Module, s: dict) -> list[str]:
     return names
 
 
+OPTIONS: tuple[str, ...] = ()              # state tuning has no settings
+
+
 def settings(options: dict) -> dict:
     return {}
 

@@ -11,13 +11,12 @@ import os
 from typing import Sequence
 
 from ..errors import UserError
+from ..peft_names import BONE_MODES, METHODS, MISS_MODES
 from .objectives.options import add_objective_args, validate_objective
 
-PEFT_METHODS = ("none", "bone", "lora", "pissa", "olora", "miss", "state")
+PEFT_METHODS = ("none", *METHODS)
 TRAIN_TYPES = ("none", "infctx")
 QUANT_TYPES = ("none", "nf4", "fp4", "int8")
-BONE_MODES = ("row", "col", "ab")
-MISS_MODES = ("default", "mini")
 ADAPTER_FORMATS = ("ours", "peft")
 # --lr_init when not given: adapters (and full fine-tuning) vs state tuning, whose (H, N, N) states
 # need a far larger step (measured in bench/bench_state_lr.py, see the README).
@@ -38,6 +37,13 @@ STRATEGIES = (
 WKV_BACKENDS = ("auto", "cuda", "fla", "chunked")  # = rwkv_bone.wkv.BACKENDS (not imported: keeps the CLI light)
 VALID_TASKS = ("none", "gsm8k", "math", "exact")
 PRECISIONS = {"bf16": "bf16", "bf16-mixed": "bf16", "fp32": "fp32", "32": "fp32", "32-true": "fp32"}
+
+
+def _registry():
+    """rwkv_bone.peft.registry, imported on first use (it needs torch; the parser does not)."""
+    from ..peft import registry
+
+    return registry
 
 
 def _bool01(text: str) -> bool:
@@ -193,32 +199,24 @@ def from_scratch(args: argparse.Namespace) -> bool:
 
 
 def peft_options(args: argparse.Namespace) -> dict:
-    """Keyword options for rwkv_bone.peft.apply_peft / count_trainable."""
-    if args.peft == "bone":
-        return {"bone_b": args.bone_b, "bone_mode": args.bone_mode}
-    if args.peft in ("lora", "olora"):
-        return {"lora_r": args.lora_r, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout}
-    if args.peft == "pissa":
-        return {"lora_r": args.lora_r, "pissa_r": args.pissa_r or args.lora_r, "svd_niter": args.svd_niter,
-                "lora_alpha": args.lora_alpha}
-    if args.peft == "miss":
-        return {"miss_r": args.miss_r, "miss_mode": args.miss_mode, "miss_mini_r": args.miss_mini_r}
-    return {}
+    """The settings of the chosen method (rwkv_bone.peft.registry) from its flags, for apply_peft /
+    count_trainable; {} for --peft none."""
+    if args.peft == "none":
+        return {}
+    method = _registry().get_method(args.peft)
+    return method.settings({k: getattr(args, k) for k in method.options if getattr(args, k) is not None})
 
 
 def method_label(args: argparse.Namespace) -> str:
     """Short text naming the adapter, e.g. 'bone-row b=64', 'lora r=32'."""
-    if args.peft == "bone":
-        return f"bone-{args.bone_mode} b={args.bone_b}"
-    if args.peft in ("lora", "olora"):
-        return f"{args.peft} r={args.lora_r}"
-    if args.peft == "pissa":
-        return f"pissa r={args.pissa_r or args.lora_r}"
-    if args.peft == "miss":
-        return f"miss r={args.miss_r}" + (f" mini_r={args.miss_mini_r}" if args.miss_mode == "mini" else "")
-    if args.peft == "state":
-        return "state"
-    return "full"
+    if args.peft == "none":
+        return "full"
+    return _registry().get_method(args.peft).label(peft_options(args))
+
+
+def _quant_methods() -> str:
+    names = [n for n, m in _registry().REGISTRY.items() if m.supports_quant]
+    return ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
 
 
 def validate_valid_args(args: argparse.Namespace) -> None:
@@ -275,8 +273,8 @@ def validate(args: argparse.Namespace) -> None:
         raise UserError("--miss_mode mini needs a positive --miss_mini_r (the tensor's output width, e.g. 64)")
     if args.miss_mini_r is not None and args.miss_mode != "mini":
         raise UserError("--miss_mini_r applies to --miss_mode mini only; drop it or add --miss_mode mini")
-    if args.adapter_format == "peft" and not (args.peft in ("miss", "lora") or
-                                              (args.peft == "bone" and args.bone_mode == "col")):
+    if args.adapter_format == "peft" and (args.peft == "none" or
+                                          not _registry().get_method(args.peft).peft_folder(peft_options(args))):
         what = f"--peft bone --bone_mode {args.bone_mode}" if args.peft == "bone" else f"--peft {args.peft}"
         raise UserError(f"--adapter_format peft exists for --bone_mode col, miss and lora, not {what}; "
                         "use --adapter_format ours")
@@ -314,8 +312,8 @@ def validate(args: argparse.Namespace) -> None:
     if args.layerwise_lr and args.peft != "none" and "time" not in train_parts(args):
         raise UserError("--layerwise_lr 1 doubles the lr of the time_decay tensors, which train only with "
                         "--train_parts time (or --peft none); add --train_parts time or drop --layerwise_lr")
-    if args.quant != "none" and args.peft in ("miss", "state"):
-        raise UserError(f"--quant {args.quant} runs the adapters of --peft bone, lora, pissa and olora on a "
+    if args.quant != "none" and args.peft != "none" and not _registry().get_method(args.peft).supports_quant:
+        raise UserError(f"--quant {args.quant} runs the adapters of --peft {_quant_methods()} on a "
                         f"quantised base; --peft {args.peft} does not support it yet, so drop --quant or "
                         "use one of those methods")
     if args.quant != "none" and args.peft == "none":

@@ -26,17 +26,20 @@ import torch
 
 from ..atomic import text_atomic, torch_save_atomic
 from ..errors import UserError
+from ..peft.registry import OPTIONS
 from .strategy import full_fp32_param
 
 STATE_FILE = "last-state.pth"
 STATE_POINTER = "last-state.json"
 STATE_DIR = "state"
 STATE_FORMAT = "rwkv-bone-train-state"
-# Flags that must not change between a run and its resumption (they change the data or the model).
+# Flags that must not change between a run and its resumption (they change the data or the model):
+# these, plus every option of every fine-tuning method (the registry's OPTIONS, lora_alpha included).
 # --epoch_count may grow (train longer; a decaying lr schedule then spans the new length).
-RESUME_KEYS = ("data_file", "data_type", "ctx_len", "micro_bsz", "accumulate_grad_batches", "epoch_steps",
-               "random_seed", "peft", "bone_b", "bone_mode", "lora_r", "pissa_r", "miss_r", "miss_mode",
-               "miss_mini_r", "train_parts", "magic_prime", "load_model", "layerwise_lr", "sft_pack", "quant")
+BASE_RESUME_KEYS = ("data_file", "data_type", "ctx_len", "micro_bsz", "accumulate_grad_batches", "epoch_steps",
+                    "random_seed", "peft", "train_parts", "magic_prime", "load_model", "layerwise_lr", "sft_pack",
+                    "quant")
+RESUME_KEYS = BASE_RESUME_KEYS + tuple(k for k in OPTIONS if k not in BASE_RESUME_KEYS)
 
 
 def trained_tensors(model: torch.nn.Module, deepspeed_on: bool) -> dict[str, torch.Tensor]:
@@ -93,8 +96,10 @@ def resume_settings(args) -> dict:
 def check_resume_settings(saved: dict, args) -> None:
     now = resume_settings(args)
     for k in RESUME_KEYS:
-        if k in saved and saved[k] != now[k]:
-            raise UserError(f"--resume: the saved run used --{k} {saved[k]!r} but this one has {now[k]!r}; "
+        if k in saved and saved[k] != now[k]:   # states saved before a key joined RESUME_KEYS lack it
+            was = f"--{k} {saved[k]!r}" if saved[k] is not None else f"no --{k} (the default)"
+            has = repr(now[k]) if now[k] is not None else f"no --{k}"
+            raise UserError(f"--resume: the saved run used {was} but this one has {has}; "
                             f"resume with the same --{k} (or start a new run in another --proj_dir)")
 
 
