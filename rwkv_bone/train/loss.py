@@ -104,3 +104,60 @@ def chunked_token_loss(head: Callable[[Tensor], Tensor], h: Tensor, y: Tensor, m
             part = piece(hf[s:e], yf[s:e], w[s:e])
         total = total + part
     return total
+
+
+class _FusedFrozenHeadLoss(torch.autograd.Function):
+    """Loss of a frozen head in one pass: forward computes each chunk's logit gradient
+    g = w_t * (softmax(z_t) - onehot(y_t)) (+ the L2Wrap term) and keeps only dL/dh = g @ W."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, y: Tensor, w: Tensor, factor: float,
+                chunk_tokens: int) -> Tensor:
+        n = h.shape[0]
+        dh = torch.empty_like(h)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, n, chunk_tokens):
+            e = min(s + chunk_tokens, n)
+            zc = F.linear(h[s:e], weight)  # autocast applies as on the module path
+            z = zc.float()
+            yc, wc = y[s:e], w[s:e]
+            # the ops of F.cross_entropy's forward and backward, so g is bit for bit the plain path's
+            lsm = torch.log_softmax(z, dim=-1)
+            total = total + (-lsm.gather(-1, yc[:, None]).squeeze(-1) * wc).sum()
+            g_out = torch.zeros_like(lsm).scatter_(-1, yc[:, None], -wc[:, None])  # d loss / d lsm
+            g = torch.ops.aten._log_softmax_backward_data(g_out, lsm, -1, z.dtype)
+            del g_out, lsm
+            if factor:
+                top, idx = z.max(dim=-1, keepdim=True)
+                g.scatter_add_(-1, idx, top * factor)
+            dh[s:e] = (g.to(zc.dtype) @ weight.to(zc.dtype)).to(h.dtype)
+        ctx.save_for_backward(dh)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        (dh,) = ctx.saved_tensors
+        return grad_loss.to(dh.dtype) * dh, None, None, None, None, None
+
+
+def fused_frozen_head_loss(h: Tensor, head_weight: Tensor, y: Tensor, w: Tensor, l2wrap_factor: float,
+                           chunk_tokens: int) -> Tensor:
+    """sum_t w_t * nll_t of logits h @ head_weight.T (h (..., C), y and w of h's leading shape), with
+    the head applied once per token and no gradient for head_weight (which must be frozen): the
+    logits' gradient is formed in forward chunk by chunk and only dL/dh (N, C) is kept. The L2Wrap
+    term (l2wrap_factor, 0 for none) is scaled by the loss's incoming gradient like the rest."""
+    C = h.shape[-1]
+    return _FusedFrozenHeadLoss.apply(h.reshape(-1, C), head_weight, y.reshape(-1),
+                                      w.reshape(-1).to(torch.float32), float(l2wrap_factor), int(chunk_tokens))
+
+
+def frozen_head_token_loss(head_weight: Tensor, h: Tensor, y: Tensor, mask: Tensor | None = None,
+                           *, weights: Tensor | None = None, l2wrap: bool = False,
+                           chunk_tokens: int | None = None, n_positions: int | None = None) -> Tensor:
+    """chunked_token_loss for a frozen bias-free head given by its weight (V, C): same arguments,
+    value and gradient for h, without recomputing the head in backward."""
+    w = position_weights(y, mask) if weights is None else weights
+    factor = L2WRAP_SCALE / (n_positions or y.numel()) if l2wrap else 0.0
+    if chunk_tokens is None:
+        chunk_tokens = chunk_size(head_weight.shape[0])
+    return fused_frozen_head_loss(h, head_weight, y, w, factor, chunk_tokens)
