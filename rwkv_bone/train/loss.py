@@ -11,6 +11,12 @@ logits nor their gradient ever exists whole: peak extra memory is one chunk's (c
 gradient. The head is called as a module (not through its weight), so DeepSpeed ZeRO-3 gathers it as
 usual and autocast applies exactly as on the plain path: loss and gradients equal the plain path's.
 
+Fused (`fused_frozen_head_loss`, `frozen_head_token_loss`): when the head weight is frozen (every
+adapter method unless the head trains), only dL/dh is needed, so forward forms each chunk's logit
+gradient with the same ops as F.cross_entropy's backward (plus the L2Wrap term) and keeps only
+dL/dh (N, C): the head runs once per token instead of twice, with the chunked path's numbers. It uses
+the weight tensor directly, so it is not for a ZeRO-3 partitioned head (callers fall back).
+
 L2Wrap (RWKV-LM): the loss value is unchanged, but backward adds, at every position, a gradient of
 max_v(z_t) * 1e-4 / (number of positions) on that position's largest logit, which keeps the logits
 from drifting upwards. The number of positions is B*T of the whole batch (as in RWKV-LM), masked or
@@ -124,13 +130,16 @@ class _FusedFrozenHeadLoss(torch.autograd.Function):
             # the ops of F.cross_entropy's forward and backward, so g is bit for bit the plain path's
             lsm = torch.log_softmax(z, dim=-1)
             total = total + (-lsm.gather(-1, yc[:, None]).squeeze(-1) * wc).sum()
+            top, idx = z.max(dim=-1, keepdim=True) if factor else (None, None)
+            lsm_dtype, lowp = z.dtype, zc.dtype
+            del z, zc  # at most three (chunk, V) tensors at a time
             g_out = torch.zeros_like(lsm).scatter_(-1, yc[:, None], -wc[:, None])  # d loss / d lsm
-            g = torch.ops.aten._log_softmax_backward_data(g_out, lsm, -1, z.dtype)
+            g = torch.ops.aten._log_softmax_backward_data(g_out, lsm, -1, lsm_dtype)
             del g_out, lsm
             if factor:
-                top, idx = z.max(dim=-1, keepdim=True)
                 g.scatter_add_(-1, idx, top * factor)
-            dh[s:e] = (g.to(zc.dtype) @ weight.to(zc.dtype)).to(h.dtype)
+            dh[s:e] = (g.to(lowp) @ weight.to(lowp)).to(h.dtype)
+            del g
         ctx.save_for_backward(dh)
         return total
 
