@@ -16,11 +16,13 @@ that every matmul and PiSSA's SVD see non-trivial values), so no checkpoint is n
     python bench/bench_train_step.py --report out.json
     # chunked against plain cross-entropy, V = 65536 and 4096 tokens per micro-batch (memory)
     python bench/bench_train_step.py --device cpu --dtype fp32 --presets 1.6b --n_layer 2 \
-        --n_embd 256 --micro_bsz 8 --ctx_len 512 --methods bone --ce chunked,plain --grad_cp 0
+        --n_embd 256 --micro_bsz 8 --ctx_len 512 --methods bone --ce fused,chunked,plain --grad_cp 0
 
---ce chunked (train.py's default --chunked_ce 1: head + cross-entropy in token chunks) or plain
-(the whole (B, T, V) fp32 logits and their gradient); a comma list runs both, and the table then
-ends with each method's peak memory chunked / plain.
+--ce fused (train.py's default --chunked_ce 1 when the head is frozen: the logits' gradient formed
+in forward per token chunk, the head applied once), chunked (head + cross-entropy in token chunks,
+recomputed in backward; train.py's path when the head trains) or plain (the whole (B, T, V) fp32
+logits and their gradient); a comma list runs each, and the table then ends with each method's peak
+memory fused / plain and chunked / plain.
 Every (preset, grad_cp, method) runs --repeats times in rounds whose method order alternates
 (bone, lora / lora, bone, ...), each run in a freshly built model, so the spread between rounds
 shows the noise. kt/s = micro_bsz * ctx_len * steps / (time of the timed steps) / 1000.
@@ -48,7 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from rwkv_bone.config import RWKV6Config, default_dim_ffn  # noqa: E402
 from rwkv_bone.model import RWKV6  # noqa: E402
 from rwkv_bone.peft import apply_peft, count_trainable  # noqa: E402
-from rwkv_bone.train.loss import chunked_token_loss  # noqa: E402
+from rwkv_bone.train.loss import chunked_token_loss, frozen_head_token_loss  # noqa: E402
 from rwkv_bone.train.module import optimizer_groups, token_loss  # noqa: E402
 from rwkv_bone.train.run import cast_for_training  # noqa: E402
 
@@ -154,6 +156,8 @@ def run_one(preset: str, label: str, grad_cp: bool, rnd: int, args: argparse.Nam
     rec["build_s"] = time.perf_counter() - t0
     _free(device)  # the fp32 build's cached blocks would otherwise count as reserved memory
     params = [p for p in model.parameters() if p.requires_grad]
+    if ce == "fused" and model.head.weight.requires_grad:
+        raise ValueError(f"--ce fused needs a frozen head, and {label} trains it")
     rec["trainable"] = sum(p.numel() for p in params)
     rec["trained_dtypes"] = sorted({str(p.dtype) for p in params})
     rec["frozen_dtypes"] = sorted({str(p.dtype) for p in model.parameters() if not p.requires_grad})
@@ -165,9 +169,12 @@ def run_one(preset: str, label: str, grad_cp: bool, rnd: int, args: argparse.Nam
 
     def step() -> float:
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=bf16):
-            if ce == "chunked":  # as train.py --chunked_ce 1
+            if ce == "chunked":  # head + CE recomputed per chunk in backward
                 h, _ = model.forward_features(x)  # (B, T, C)
                 loss = chunked_token_loss(model.head, h, y)
+            elif ce == "fused":  # as train.py --chunked_ce 1 with a frozen head: head applied once
+                h, _ = model.forward_features(x)
+                loss = frozen_head_token_loss(model.head.weight, h, y)
             else:
                 loss = token_loss(model(x), y)  # (B, T, V) fp32 logits
         value = loss.item()  # train.py reads the loss every step (a sync point there too)
@@ -228,14 +235,14 @@ def split_label(label: str, args: argparse.Namespace) -> tuple[str, str]:
 
 
 def ce_memory_ratios(summary: list[dict[str, Any]]) -> list[str]:
-    """'preset grad_cp method: chunked X GB / plain Y GB = r' for every method run both ways."""
+    """'preset grad_cp method: fused (or chunked) X GB / plain Y GB = r' for each method run both ways."""
     rows = {(r["preset"], r["grad_cp"], r["method"]): r for r in summary}
     out = []
     for (preset, cp, label), row in rows.items():
         method, _, ce = label.partition("|")
         plain = rows.get((preset, cp, f"{method}|plain"))
-        if ce == "chunked" and plain and row["mem_gb"] and plain["mem_gb"]:
-            out.append(f"{preset} grad_cp={cp} {method}: peak memory chunked CE {row['mem_gb']:.2f} GB / plain "
+        if ce in ("chunked", "fused") and plain and row["mem_gb"] and plain["mem_gb"]:
+            out.append(f"{preset} grad_cp={cp} {method}: peak memory {ce} CE {row['mem_gb']:.2f} GB / plain "
                        f"{plain['mem_gb']:.2f} GB = {row['mem_gb'] / plain['mem_gb']:.2f}; kt/s "
                        f"{_f(row['kt_s_best'], '.2f')} / {_f(plain['kt_s_best'], '.2f')}")
     return out
@@ -335,7 +342,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n_embd", type=int, default=None, help="override C (A = C, F = 3.5 C)")
     p.add_argument("--vocab", type=int, default=None, help="override the vocabulary size")
     p.add_argument("--ce", type=_list(str), default=["chunked"],
-                   help="cross-entropy: chunked (train.py's default), plain, or chunked,plain (both)")
+                   help="cross-entropy: fused (train.py's default with a frozen head), chunked, plain, "
+                        "or a comma list such as fused,chunked,plain")
     p.add_argument("--bone_b", type=int, default=64)
     p.add_argument("--bone_mode", choices=["row", "col", "ab"], default="row")
     p.add_argument("--lora_r", type=int, default=32, help="LoRA / PiSSA / OLoRA rank (alpha = r)")
@@ -348,8 +356,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = [m for m in args.methods if m not in METHOD_LABELS]
     if bad:
         p.error(f"unknown method {bad[0]!r}; choose among {', '.join(METHOD_LABELS)}")
-    if not args.ce or any(c not in ("chunked", "plain") for c in args.ce):
-        p.error("--ce takes chunked, plain or chunked,plain")
+    if not args.ce or any(c not in ("fused", "chunked", "plain") for c in args.ce):
+        p.error("--ce takes fused, chunked, plain or a comma list of them")
     if any(v not in (0, 1) for v in args.grad_cp):
         p.error("--grad_cp takes 0, 1 or a comma list of them")
     for name in ("ctx_len", "micro_bsz", "steps", "repeats"):

@@ -11,6 +11,12 @@ logits nor their gradient ever exists whole: peak extra memory is one chunk's (c
 gradient. The head is called as a module (not through its weight), so DeepSpeed ZeRO-3 gathers it as
 usual and autocast applies exactly as on the plain path: loss and gradients equal the plain path's.
 
+Fused (`fused_frozen_head_loss`, `frozen_head_token_loss`): when the head weight is frozen (every
+adapter method unless the head trains), only dL/dh is needed, so forward forms each chunk's logit
+gradient with the same ops as F.cross_entropy's backward (plus the L2Wrap term) and keeps only
+dL/dh (N, C): the head runs once per token instead of twice, with the chunked path's numbers. It uses
+the weight tensor directly, so it is not for a ZeRO-3 partitioned head (callers fall back).
+
 L2Wrap (RWKV-LM): the loss value is unchanged, but backward adds, at every position, a gradient of
 max_v(z_t) * 1e-4 / (number of positions) on that position's largest logit, which keeps the logits
 from drifting upwards. The number of positions is B*T of the whole batch (as in RWKV-LM), masked or
@@ -104,3 +110,63 @@ def chunked_token_loss(head: Callable[[Tensor], Tensor], h: Tensor, y: Tensor, m
             part = piece(hf[s:e], yf[s:e], w[s:e])
         total = total + part
     return total
+
+
+class _FusedFrozenHeadLoss(torch.autograd.Function):
+    """Loss of a frozen head in one pass: forward computes each chunk's logit gradient
+    g = w_t * (softmax(z_t) - onehot(y_t)) (+ the L2Wrap term) and keeps only dL/dh = g @ W."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, y: Tensor, w: Tensor, factor: float,
+                chunk_tokens: int) -> Tensor:
+        n = h.shape[0]
+        dh = torch.empty_like(h)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, n, chunk_tokens):
+            e = min(s + chunk_tokens, n)
+            zc = F.linear(h[s:e], weight)  # autocast applies as on the module path
+            z = zc.float()
+            yc, wc = y[s:e], w[s:e]
+            # the ops of F.cross_entropy's forward and backward, so g is bit for bit the plain path's
+            lsm = torch.log_softmax(z, dim=-1)
+            total = total + (-lsm.gather(-1, yc[:, None]).squeeze(-1) * wc).sum()
+            top, idx = z.max(dim=-1, keepdim=True) if factor else (None, None)
+            lsm_dtype, lowp = z.dtype, zc.dtype
+            del z, zc  # at most three (chunk, V) tensors at a time
+            g_out = torch.zeros_like(lsm).scatter_(-1, yc[:, None], -wc[:, None])  # d loss / d lsm
+            g = torch.ops.aten._log_softmax_backward_data(g_out, lsm, -1, lsm_dtype)
+            del g_out, lsm
+            if factor:
+                g.scatter_add_(-1, idx, top * factor)
+            dh[s:e] = (g.to(lowp) @ weight.to(lowp)).to(h.dtype)
+            del g
+        ctx.save_for_backward(dh)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        (dh,) = ctx.saved_tensors
+        return grad_loss.to(dh.dtype) * dh, None, None, None, None, None
+
+
+def fused_frozen_head_loss(h: Tensor, head_weight: Tensor, y: Tensor, w: Tensor, l2wrap_factor: float,
+                           chunk_tokens: int) -> Tensor:
+    """sum_t w_t * nll_t of logits h @ head_weight.T (h (..., C), y and w of h's leading shape), with
+    the head applied once per token and no gradient for head_weight (which must be frozen): the
+    logits' gradient is formed in forward chunk by chunk and only dL/dh (N, C) is kept. The L2Wrap
+    term (l2wrap_factor, 0 for none) is scaled by the loss's incoming gradient like the rest."""
+    C = h.shape[-1]
+    return _FusedFrozenHeadLoss.apply(h.reshape(-1, C), head_weight, y.reshape(-1),
+                                      w.reshape(-1).to(torch.float32), float(l2wrap_factor), int(chunk_tokens))
+
+
+def frozen_head_token_loss(head_weight: Tensor, h: Tensor, y: Tensor, mask: Tensor | None = None,
+                           *, weights: Tensor | None = None, l2wrap: bool = False,
+                           chunk_tokens: int | None = None, n_positions: int | None = None) -> Tensor:
+    """chunked_token_loss for a frozen bias-free head given by its weight (V, C): same arguments,
+    value and gradient for h, without recomputing the head in backward."""
+    w = position_weights(y, mask) if weights is None else weights
+    factor = L2WRAP_SCALE / (n_positions or y.numel()) if l2wrap else 0.0
+    if chunk_tokens is None:
+        chunk_tokens = chunk_size(head_weight.shape[0])
+    return fused_frozen_head_loss(h, head_weight, y, w, factor, chunk_tokens)
