@@ -7,7 +7,8 @@
 `QuantLinear` is the frozen linear itself: forward(x) = x W^T (through bitsandbytes' 4-bit matmul,
 or the int8 weight with its row scales), and `input_grad(g)` = g W, the only gradient a frozen
 weight needs; W is rebuilt only transiently inside those calls (never stored, never trained).
-Adapters hold a QuantLinear in place of their weight (`quantize_frozen`): Bone-row / Bone-AB run
+Adapters hold a QuantLinear in place of their weight (rwkv_bone.peft.inject.quantize_frozen, where
+the frozen base is built; this module knows no adapter): Bone-row / Bone-AB run
 it on their transformed input x~ (rwkv_bone.peft.bone), LoRA adds its low-rank path to its output,
 PiSSA / OLoRA quantise W_res after the factorisation (as QPiSSA). Adapters stay fp32; emb, head,
 norms and time_* are untouched. merge.py merges into the original full-precision base.
@@ -131,23 +132,6 @@ class QuantLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, quant={self.quant}"
 
 
-def quantize_frozen(model: nn.Module, quant: str) -> list[str]:
-    """Replace the frozen weight of every adapter layer of `model` by a QuantLinear (`layer.qbase`),
-    one layer at a time (so the full-precision copy of only one layer exists beside the rest);
-    returns the quantised layer names. Call after apply_peft (PiSSA/OLoRA: W_res is quantised)."""
-    from .peft.inject import adapter_modules
-
-    layers = adapter_modules(model)
-    if not layers:
-        raise UserError(f"--quant {quant} quantises the frozen weights under adapters, and this model has "
-                        "none; apply an adapter (e.g. --peft bone) first")
-    for layer in layers.values():
-        layer.qbase = QuantLinear(layer.weight, quant, layer.bias)
-        layer.weight = None  # the Parameter is dropped: its memory is freed
-        layer.bias = None
-    return list(layers)
-
-
 def check_device_support(quant: str, device: torch.device | str) -> None:
     """Quantise and use a tiny layer on `device`; one sentence if this bitsandbytes build cannot."""
     try:
@@ -160,12 +144,6 @@ def check_device_support(quant: str, device: torch.device | str) -> None:
         raise UserError(f"the installed bitsandbytes cannot run --quant {quant} on {torch.device(device).type} "
                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); {alt}, or install "
                         "a bitsandbytes build for this device") from e
-
-
-def base_weight(layer: nn.Module) -> Tensor:
-    """The frozen W (out, in) of an adapter layer: its Parameter, or the dequantised QuantLinear (fp32)."""
-    q = getattr(layer, "qbase", None)
-    return layer.weight if q is None else q.dequantize(torch.float32)
 
 
 def frozen_weight_bytes(model: nn.Module) -> tuple[int, str]:

@@ -9,7 +9,8 @@ from torch import nn
 from rwkv_bone.errors import UserError
 from rwkv_bone.peft.bone import BoneLinear
 from rwkv_bone.peft.lora import LoraLinear
-from rwkv_bone.quant import QUANT_TYPES, QuantLinear, frozen_weight_bytes, quantize_frozen
+from rwkv_bone.peft.inject import quantize_frozen
+from rwkv_bone.quant import QUANT_TYPES, QuantLinear, frozen_weight_bytes
 
 
 def _linear(out=96, n_in=64, seed=0) -> nn.Linear:

@@ -33,8 +33,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
-from ..quant import base_weight
-from .fold import fold_into_linear
+from .fold import base_weight, fold_into_linear
 
 from ..peft_names import BONE_MODES  # noqa: E402  (the one list; parsers read it without torch)
 

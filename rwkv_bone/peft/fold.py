@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 @torch.no_grad()
@@ -18,3 +18,9 @@ def fold_into_linear(layer: nn.Module) -> nn.Linear:
     lin = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device="meta")
     lin.weight, lin.bias = w, bias
     return lin
+
+
+def base_weight(layer: nn.Module) -> Tensor:
+    """The frozen W (out, in) of an adapter layer: its Parameter, or the dequantised QuantLinear (fp32)."""
+    q = getattr(layer, "qbase", None)
+    return layer.weight if q is None else q.dequantize(torch.float32)

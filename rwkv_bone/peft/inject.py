@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..quant import QuantLinear
 from .registry import LAYER_TYPES, METHODS, get_method, method_settings
 
 DEFAULT_TARGETS = ("att.receptance", "att.key", "att.value", "att.gate", "att.output",
@@ -145,3 +146,18 @@ def merge_peft(model: nn.Module) -> list[str]:
     if hasattr(model, "peft_config"):
         del model.peft_config
     return merged
+
+
+def quantize_frozen(model: nn.Module, quant: str) -> list[str]:
+    """Replace the frozen weight of every adapter layer of `model` by a QuantLinear (`layer.qbase`),
+    one layer at a time (so the full-precision copy of only one layer exists beside the rest);
+    returns the quantised layer names. Call after apply_peft (PiSSA/OLoRA: W_res is quantised)."""
+    layers = adapter_modules(model)
+    if not layers:
+        raise UserError(f"--quant {quant} quantises the frozen weights under adapters, and this model has "
+                        "none; apply an adapter (e.g. --peft bone) first")
+    for layer in layers.values():
+        layer.qbase = QuantLinear(layer.weight, quant, layer.bias)
+        layer.weight = None  # the Parameter is dropped: its memory is freed
+        layer.bias = None
+    return list(layers)

@@ -110,7 +110,7 @@ def build_model(args: argparse.Namespace, config, bf16: bool, base_sd: dict | No
             apply_peft(model, args.peft, **A.peft_options(args))
             mark_trainable(model, A.train_parts(args))
             if args.quant != "none":  # after apply_peft: PiSSA/OLoRA quantise W_res (QPiSSA)
-                from ..quant import quantize_frozen
+                from ..peft.inject import quantize_frozen
 
                 quantize_frozen(model, args.quant)
     cast_for_training(model, bf16)
