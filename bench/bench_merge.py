@@ -85,7 +85,7 @@ def _case(case: str, base: str, out: str, bone_b: int) -> None:
         torch.save(torch.load(base, mmap=True, weights_only=True), out)
     elif case == "old_merge":
         from rwkv_bone.checkpoint import first_non_finite, load_state_dict
-        from rwkv_bone.cli import torch_save_atomic
+        from rwkv_bone.atomic import torch_save_atomic
         from rwkv_bone.peft.adapter_io import merge_state_dict
 
         merged = merge_state_dict(load_state_dict(base), bone_adapter(base, bone_b))

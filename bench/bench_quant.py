@@ -51,7 +51,8 @@ def worker(a: argparse.Namespace) -> dict:
     from rwkv_bone.config import RWKV6Config
     from rwkv_bone.model import RWKV6
     from rwkv_bone.peft import apply_peft
-    from rwkv_bone.quant import frozen_weight_bytes, quantize_frozen
+    from rwkv_bone.peft.inject import quantize_frozen
+    from rwkv_bone.quant import frozen_weight_bytes
     from rwkv_bone.train.loss import chunked_token_loss
     from rwkv_bone.train.run import cast_for_training
 

@@ -51,7 +51,7 @@ def test_data_with_ids_beyond_the_vocab_is_refused_before_any_file_is_written(fi
 
 
 def test_token_id_range_is_cached_and_rescanned_when_the_bin_changes(tmp_path, monkeypatch):
-    import rwkv_bone.cli
+    import rwkv_bone.atomic
     from rwkv_bone.data.binidx import MMapIndexedDataset, token_id_range, write_binidx
 
     prefix = str(tmp_path / "d")
@@ -69,7 +69,7 @@ def test_token_id_range_is_cached_and_rescanned_when_the_bin_changes(tmp_path, m
         raise PermissionError(13, "Permission denied")
 
     os.remove(cache)
-    monkeypatch.setattr(rwkv_bone.cli, "text_atomic", read_only)  # a read-only data folder
+    monkeypatch.setattr(rwkv_bone.atomic, "text_atomic", read_only)  # a read-only data folder
     assert token_id_range(MMapIndexedDataset(prefix)) == (0, 300)
     assert not os.path.exists(cache)
 

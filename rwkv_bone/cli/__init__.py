@@ -8,7 +8,6 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from ..atomic import atomic_path, check_writable_dir, text_atomic, torch_save_atomic, write_atomic
 from ..errors import UserError
 
 EXIT_USER_ERROR = 2
@@ -27,6 +26,4 @@ def run_cli(main: Callable[[], int | None]) -> None:
     sys.exit(code or 0)
 
 
-# Re-exported for modules that still import the writers from here; new code imports rwkv_bone.atomic.
-__all__ = ["EXIT_USER_ERROR", "run_cli", "atomic_path", "write_atomic", "torch_save_atomic", "text_atomic",
-           "check_writable_dir"]
+__all__ = ["EXIT_USER_ERROR", "run_cli"]

@@ -18,7 +18,7 @@ from typing import Iterable
 
 import numpy as np
 
-from ..cli import atomic_path
+from ..atomic import atomic_path
 from ..errors import UserError
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -237,7 +237,7 @@ def token_id_range(ds: MMapIndexedDataset, chunk: int = 1 << 24) -> tuple[int, i
     on the same data reads the answer instead of the file. A read-only folder just goes uncached."""
     import json
 
-    from ..cli import text_atomic
+    from ..atomic import text_atomic
 
     bin_path, cache = ds.prefix + ".bin", ds.prefix + ".maxid.json"
     st = os.stat(bin_path)

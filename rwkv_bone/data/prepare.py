@@ -50,7 +50,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..cli import atomic_path, check_writable_dir
+from ..atomic import atomic_path, check_writable_dir
 from ..errors import UserError
 from .binidx import MAX_ITEM, BinIdxWriter, MMapIndexedDataset, magic_prime, split_prefix
 from .records import (DEFAULT_PROMPT_TEMPLATE, DEFAULT_RESPONSE_TEMPLATE, FORMATS, RecordError,

@@ -41,7 +41,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, extra_meta: dict | N
 
     format "ours": one .pth (formats/ours.py); "peft": an HF PEFT folder (formats/hf_peft.py) that
     PeftModel.from_pretrained loads, for Bone-col (as MiSS "bat"), MiSS and LoRA."""
-    from ..cli import check_writable_dir
+    from ..atomic import check_writable_dir
 
     config = getattr(model, "peft_config", None)
     if config is None or not (adapter_modules(model) or config.get("method") == "state"):

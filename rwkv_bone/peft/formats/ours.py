@@ -49,7 +49,7 @@ def read(path: str, raw: dict, lora_alpha: float | None) -> AdapterFile:
 
 def write(sd: dict[str, Tensor], config: dict, path: str | os.PathLike, extra_meta: dict | None) -> None:
     """sd: every tensor to save (trained + init factors); config: model.peft_config."""
-    from ...cli import torch_save_atomic
+    from ...atomic import torch_save_atomic
 
     meta = dict(format=FORMAT, version=1, **config)
     if extra_meta:
