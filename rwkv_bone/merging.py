@@ -272,7 +272,8 @@ def merge_checkpoint(base_path: str | os.PathLike, adapters: Sequence[AdapterFil
     names = ", ".join(af.path for af in files)
 
     def describe(key: str, t: Tensor) -> str:
-        if recipes[key].from_base and not recipes[key].ops:
+        # A base tensor that is already non-finite is the base's fault, adapted or not.
+        if recipes[key].from_base and (not recipes[key].ops or not is_finite(base[key])):
             return non_finite_message(base_path, key)
         return (f"merging {names} into {base_path} gives NaN or infinite values in {key} (adapter values "
                 f"too large for the base's {t.dtype}?); nothing was written")

@@ -104,7 +104,8 @@ def test_loss_task_matches_the_training_loss_on_jsonl_and_binidx(tmp_path, monke
         code, out, err = run_eval(monkeypatch, capsys, "--model", path, "--data", src, "--task", "loss",
                                   "--output", tmp_path / "loss", "--tokenizer", byte_vocab, "--batch_size", 2,
                                   "--no_progress")
-        assert code == 0, err and "perplexity" in out
+        assert code == 0, err
+        assert "perplexity" in out, out
         results.append(json.loads((tmp_path / "loss" / "summary.json").read_text()))
     assert results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-6)
     # The obvious computation: each document alone, the training loss's masked sum.
@@ -150,9 +151,10 @@ def test_bad_inputs_are_one_sentence_and_exit_2(tmp_path, monkeypatch, capsys, b
         (["--data", good, "--limit", 0], "--limit must be at least 1"),
         (["--data", good, "--output", good], "is a file"),
         (["--data", good, "--prompt_template", "no slot"], "{prompt}"),
-        (["--data", good, "--task", "loss", "--output", tmp_path / "x"], None),
+        # A run that fails after its output folder is named must leave that folder unwritten.
+        (["--data", good, "--task", "loss", "--adapter", tmp_path / "wrong.pth", "--output", tmp_path / "x"], None),
     ]
-    for extra, message in cases[:-1]:
+    for extra, message in cases:
         code, out, err = run_eval(monkeypatch, capsys, "--model", model, "--task", "gsm8k", "--tokenizer",
                                   byte_vocab, "--no_progress", *extra)
         assert code == 2, (extra, err)

@@ -84,3 +84,41 @@ def test_validation_renders_records_with_make_data_template(tmp_path, byte_vocab
         assert t.tolist() == tokens.get(i).tolist() and m.tolist() == masks.get(i).tolist()
     head = (template or "User: {prompt}\n\nAssistant:").split("{prompt}")[0]
     assert all(r.prompt.startswith(head) for r in v.records)
+
+
+def test_logged_valid_acc_equals_eval_accuracy_on_the_same_records(tmp_path, byte_vocab, monkeypatch):
+    """The last step's valid_acc is eval.py's accuracy of the saved checkpoint on the same records,
+    decoded to the same completions (so the equality is not two zeros by chance)."""
+    import sys
+
+    ev = sys.modules["rwkv_bone.eval.evaluate"]  # the module (the package exports a function of that name)
+
+    data = tmp_path / "valid.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECS))
+    prepare(PrepareOptions(input=str(data), output=str(tmp_path / "sft"), tokenizer=str(byte_vocab),
+                           prompt_field="question", response_field="answer", workers=1, progress=False))
+    torch.set_num_threads(1)
+    logged = []  # the validation's prediction rows, one list per validation
+    original = ev.generate_answers
+
+    def spy(*args, **kwargs):
+        rows, made, seconds = original(*args, **kwargs)
+        logged.append(rows)
+        return rows, made, seconds
+
+    monkeypatch.setattr(ev, "generate_answers", spy)
+    assert run(parse_args(_flags(tmp_path, byte_vocab, "--valid_data", str(data), "--valid_every", "4",
+                                 "--valid_task", "gsm8k", "--valid_limit", "3", "--valid_max_tokens", "6"))) == 0
+    monkeypatch.setattr(ev, "generate_answers", original)
+    with open(tmp_path / "run" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["valid_acc"] != "" for r in rows] == [False, False, False, True] and len(logged) == 1
+    summary = evaluate(EvalOptions(model=str(tmp_path / "run" / "rwkv-0.pth"), data=str(data), task="gsm8k",
+                                   tokenizer=str(byte_vocab), max_tokens=6, limit=3, output=str(tmp_path / "ev"),
+                                   progress=False, quiet=True))
+    assert summary["n"] == 3
+    assert float(rows[3]["valid_acc"]) == pytest.approx(summary["accuracy"], abs=1e-6)
+    predictions = [json.loads(line) for line in (tmp_path / "ev" / "predictions.jsonl").read_text().splitlines()]
+    assert [p["completion"] for p in predictions] == [r["completion"] for r in logged[0]]
+    assert [p["correct"] for p in predictions] == [r["correct"] for r in logged[0]]
+    assert any(p["completion"].strip() for p in predictions)  # something was generated and compared

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from hostile_cli import error_line, listing, run_script
-from rwkv_bone.checkpoint import adapter_not_model, non_finite_message
 from test_train_helpers import base_flags, pattern_data, tiny_checkpoint
 
 CLIS = ("train", "merge", "generate")
@@ -58,8 +57,9 @@ def test_an_adapter_given_as_the_model_is_named_an_adapter(files, tmp_path, monk
     out.mkdir()
     code, stdout, err = run_script(monkeypatch, capsys, cli, *model_argv(cli, path, files, out))
     assert code == 2 and stdout == ""
-    assert error_line(err) == f"error: {adapter_not_model(path)}"
-    assert "is an adapter (it holds only adapter tensors), not a model" in err
+    assert error_line(err) == (f"error: {path} is an adapter (it holds only adapter tensors), not a model; give "
+                               "the base RWKV-6 model it was trained on, and pass the adapter with --adapter "
+                               "(generate.py, merge.py)")
     assert listing(out) == []
 
 
@@ -74,7 +74,8 @@ def test_a_model_with_non_finite_weights_is_refused_at_load(files, tmp_path, mon
     out.mkdir()
     code, stdout, err = run_script(monkeypatch, capsys, cli, *model_argv(cli, path, files, out))
     assert code == 2 and stdout == ""  # generate.py printed nothing and said nothing before
-    assert error_line(err) == f"error: {non_finite_message(path, 'blocks.1.att.value.weight')}"
+    assert error_line(err) == (f"error: {path} tensor blocks.1.att.value.weight holds NaN or infinite values (a "
+                               "diverged run or a corrupt file); use an earlier checkpoint")
     assert listing(out) == []
 
 

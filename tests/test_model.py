@@ -46,15 +46,16 @@ def test_logits_match_rwkv_package(tiny_checkpoint, overrides):
     assert ours.shape == theirs.shape == (37, V)
     assert theirs.std() > 0.1 and theirs.std(dim=0).min() > 1e-3  # logits really vary
     rel = (ours - theirs).norm() / theirs.norm()
-    assert rel < 1e-3, f"relative difference {rel:.2e}"
+    assert rel < 1e-5, f"relative difference {rel:.2e}"  # measured 4.6e-7 (fp32 rounding only)
     # The carried state has the package's meaning: (att x, wkv (H, N_key, N_value), ffn x) per layer.
     assert len(their_state) == 3 * model.config.n_layer
     for i, layer in enumerate(our_state):
         for ours_t, theirs_t in zip(layer, their_state[3 * i : 3 * i + 3]):
-            torch.testing.assert_close(ours_t[0], theirs_t.float(), rtol=1e-3, atol=1e-4)
+            # measured: at most 1.1e-5 off on values near 20, 7.6e-6 on small ones
+            torch.testing.assert_close(ours_t[0], theirs_t.float(), rtol=1e-5, atol=2e-5)
     # A one-token call goes through the package's recurrent path: must match our first position.
     one, _ = _oracle(path, tokens[:1])
-    torch.testing.assert_close(ours[0], one[0], rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(ours[0], one[0], rtol=1e-5, atol=1e-5)  # measured 8.3e-7
 
 
 def test_bf16_checkpoint_matches_rwkv_package_bf16(tiny_checkpoint):
@@ -356,6 +357,9 @@ def test_orthogonal_init_is_orthogonal_with_gain(shape):
     assert not torch.equal(orthogonal_(torch.empty(shape)), orthogonal_(torch.empty(shape)))
 
 
+GPU_BF16_GRAD_TOL = 0.1  # per-parameter |g_gpu - g_cpu| / |g_cpu|; bf16 weights and activations
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_training_step_matches_cpu_fp32():
@@ -370,6 +374,17 @@ def test_cuda_bf16_training_step_matches_cpu_fp32():
     assert rel < 0.05, f"relative difference {rel:.3f}"
     logits.logsumexp(-1).mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in gpu.parameters())
+    # The GPU backward against the CPU fp32 reference gradients, parameter by parameter.
+    cpu.train()
+    cpu(idx).logsumexp(-1).mean().backward()
+    ref_grads = dict(cpu.named_parameters())
+    errs = {}
+    for n, p in gpu.named_parameters():
+        want = ref_grads[n].grad
+        errs[n] = ((p.grad.float().cpu() - want).norm() / want.norm().clamp(min=1e-12)).item()
+    worst = max(errs, key=errs.get)
+    print("worst GPU bf16 gradient relative error:", worst, f"{errs[worst]:.3e}")
+    assert errs[worst] < GPU_BF16_GRAD_TOL, (worst, errs[worst])
     with torch.no_grad():
         gpu.eval()
         whole, _ = gpu.forward_with_state(idx.cuda())

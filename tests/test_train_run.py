@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 
@@ -110,7 +111,18 @@ def test_sft_run_trains(files, tmp_path):
     data = sft_data(str(tmp_path / "sft"), docs, masks)
     proj = str(tmp_path / "out")
     assert run(parse_args(base_flags(files["ckpt"], data, proj, data_type="sft", ctx_len=12, epoch_count=1))) == 0
-    assert len(metrics(proj)) == 4 and os.path.isfile(os.path.join(proj, "rwkv-0.pth"))
+    assert os.path.isfile(os.path.join(proj, "rwkv-0.pth"))
+    with open(os.path.join(proj, "metrics.csv"), newline="") as f:
+        assert next(csv.reader(f)) == ["step", "loss", "lr", "tokens", "kt/s", "peak_mem_mb", "valid_loss",
+                                       "valid_ppl", "valid_acc"]
+    rows = metrics(proj)
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert [int(r["tokens"]) for r in rows] == [24, 48, 72, 96]  # micro_bsz 2 x ctx_len 12 per step
+    losses = [float(r["loss"]) for r in rows]
+    assert all(math.isfinite(v) and 0 < v < 10 for v in losses), losses
+    assert losses[-1] < losses[0], losses
+    assert all(float(r["lr"]) == pytest.approx(1e-2) and float(r["kt/s"]) > 0 for r in rows)
+    assert all(r["valid_loss"] == r["valid_ppl"] == r["valid_acc"] == "" for r in rows)  # no validation asked
 
 
 def test_from_scratch_writes_a_full_official_checkpoint(files, tmp_path):

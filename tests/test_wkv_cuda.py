@@ -126,10 +126,29 @@ def test_cuda_kernel_bfloat16_is_close_and_keeps_dtypes():
 
 @pytest.mark.gpu
 @needs_gpu
-def test_dispatcher_uses_cuda_kernel_and_float64_falls_back_to_chunked():
+def test_dispatcher_uses_cuda_kernel_and_float64_falls_back_to_chunked(monkeypatch):
+    import rwkv_bone.wkv as wkv
+
+    served = []  # which backend wkv6 dispatched to, one entry per call
+
+    def spy(name, fn):
+        def wrapped(*args, **kwargs):
+            served.append(name)
+            return fn(*args, **kwargs)
+        return wrapped
+
+    # Patched only in the dispatcher's namespace: the self-check's own chunked solve is not counted.
+    monkeypatch.setattr(wkv, "wkv6_cuda", spy("cuda", wkv.wkv6_cuda))
+    monkeypatch.setattr(wkv, "wkv6_chunked", spy("chunked", wkv.wkv6_chunked))
     inputs = make_inputs(2, 37, 2, 64, "cuda", torch.float64, seed=4)
     want = outputs_and_grads(wkv6_reference, inputs)
     got64 = outputs_and_grads(wkv6, inputs)  # float64 on CUDA -> chunked path
+    assert served == ["chunked"], served
     assert max(max_rel_errors(got64, want).values()) < 1e-10
+    served.clear()
     got32 = outputs_and_grads(wkv6, [x.float() for x in inputs])  # -> CUDA kernel
+    assert served and set(served) == {"cuda"}, served  # (the first call's self-check also runs the kernel)
     assert max(max_rel_errors(got32, want).values()) < 1e-4
+    served.clear()
+    outputs_and_grads(wkv6, [x.float() for x in inputs])
+    assert served == ["cuda"], served  # trusted: exactly one kernel call, no fallback

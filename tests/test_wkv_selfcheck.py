@@ -95,3 +95,30 @@ def test_wkv6_uses_a_kernel_that_passes(monkeypatch):
     wkv6(r, k, v, w, u, s)
     assert len(calls) == n_check + 1  # the check ran once, then the kernel serves every call
     torch.testing.assert_close(y, wkv6_chunked(r, k, v, w, u, s)[0], rtol=1e-5, atol=1e-5)
+
+
+def off_by(fraction: float):
+    """The correct op with one element of y moved by `fraction` of the float32 tolerance (relative
+    to max(1, max |y|), the measure the self-check uses); gradients untouched."""
+    def kernel(r, k, v, w, u, s=None):
+        y, state = good_kernel(r, k, v, w, u, s)
+        bump = torch.zeros_like(y)
+        bump[0, 0, 0, 0] = fraction * 2e-3 * max(1.0, y.detach().abs().max().item())
+        return y + bump, state
+    return kernel
+
+
+@pytest.mark.parametrize("fraction, trusted", [(0.9, True), (1.1, False)])
+def test_the_tolerance_edge_decides_trust(fraction, trusted):
+    assert selfcheck.TOLERANCE[torch.float32] == 2e-3
+    kernel = off_by(fraction)
+    errors = selfcheck.compare(kernel, CPU, torch.float32, 64)
+    assert errors["y"] == pytest.approx(fraction * 2e-3, rel=1e-3)  # the error is what was injected
+    assert max(v for k, v in errors.items() if k != "y") < 1e-4
+    if trusted:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert selfcheck.kernel_trusted(kernel, CPU, torch.float32, 64)
+    else:
+        with pytest.warns(RuntimeWarning, match=r"FAILED its self-check .* y 2\.2e-03.*tolerance 2e-03"):
+            assert not selfcheck.kernel_trusted(kernel, CPU, torch.float32, 64)
