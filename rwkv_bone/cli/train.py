@@ -33,6 +33,10 @@ def parse_args(argv: Optional[list[str]] = None, prog: Optional[str] = None) -> 
 
 def main(argv: Optional[list[str]] = None, prog: Optional[str] = None) -> int:
     args = parse_args(argv, prog)
+    if args.dry_run:  # shapes only: no Lightning, no weights
+        from ..train.plan import dry_run
+
+        return dry_run(args)
     from ..train.run import run
 
     return run(args)
