@@ -6,13 +6,14 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
+from ..data.records import unescape_template
+
 DTYPE_NAMES = ("fp32", "bf16")  # the keys of rwkv_bone.loading.DTYPES (a test checks they agree)
 
 
-def unescape(s: str) -> str:
-    """Let prompts, stop strings and templates typed in a shell use \\n and \\t (the RWKV chat format
-    needs blank lines)."""
-    return s.replace("\\n", "\n").replace("\\t", "\t")
+# The one unescape for prompts, stop strings and templates typed in a shell (\n, \t): the record
+# module's, so make_data, eval, generate and training validation turn the same text into the same template.
+unescape = unescape_template
 
 
 def bool01(text: str) -> bool:
