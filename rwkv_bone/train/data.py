@@ -110,7 +110,10 @@ class SFTDocuments:
 
     def __call__(self, g: int) -> tuple[np.ndarray, ...]:
         data_pass, pos = divmod(g, self.n_docs)
-        doc = int(self.order(data_pass)[pos])
+        return self.document(int(self.order(data_pass)[pos]))
+
+    def document(self, doc: int) -> tuple[np.ndarray, ...]:
+        """x, y, mask (ctx_len,) of document `doc` padded with 0 (not trained), and its real positions."""
         T1 = self.ctx_len + 1
         toks = np.asarray(self.reader.get(doc, 0, min(T1, int(self.reader.sizes[doc]))), dtype=np.int64)
         msk = np.asarray(self.mask.get(doc, 0, toks.shape[0]), dtype=np.float32)
@@ -138,15 +141,6 @@ class PairDocuments(SFTDocuments):
         pair = int(self.order(data_pass)[pos])
         rows = [self.document(2 * pair + k) for k in (0, 1)]
         return tuple(np.stack(parts) for parts in zip(*rows))
-
-    def document(self, doc: int) -> tuple[np.ndarray, ...]:
-        T1 = self.ctx_len + 1
-        toks = np.asarray(self.reader.get(doc, 0, min(T1, int(self.reader.sizes[doc]))), dtype=np.int64)
-        msk = np.asarray(self.mask.get(doc, 0, toks.shape[0]), dtype=np.float32)
-        s = np.zeros(T1, dtype=np.int64)
-        m = np.zeros(T1, dtype=np.float32)
-        s[:toks.shape[0]], m[:msk.shape[0]] = toks, msk
-        return s[:-1], s[1:], m[1:], np.int64(max(0, toks.shape[0] - 1))
 
 
 class PromptOrder:
