@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from rwkv_bone.peft.registry import METHODS, REGISTRY, method_settings
-from rwkv_bone.train.args import PEFT_METHODS, build_parser, method_label, peft_options
+from rwkv_bone.errors import UserError
+from rwkv_bone.peft.registry import METHODS, REGISTRY, method_settings, option_fields
+from rwkv_bone.train.args import build_parser, method_label, parse_args, peft_methods, peft_options
 
 
 def flags(*extra: str):
@@ -33,8 +34,40 @@ def test_peft_options_are_the_registry_settings_of_the_flags(argv, settings, lab
 
 
 def test_peft_choices_are_none_and_the_registry_methods():
-    assert PEFT_METHODS == ("none", *METHODS)
+    assert peft_methods() == ("none", *METHODS) == ("none", *REGISTRY)
     assert {n for n, m in REGISTRY.items() if m.supports_quant} == {"bone", "lora", "pissa", "olora"}
     folder = {n for n, m in REGISTRY.items() if m.peft_folder(method_settings(n, {}))}
     assert folder == {"lora", "miss"}                 # bone only with --bone_mode col
     assert REGISTRY["bone"].peft_folder(method_settings("bone", {"bone_mode": "col"}))
+
+
+def test_every_adapter_flag_is_a_registry_option_with_its_default_and_help():
+    parser = build_parser()
+    group = next(g for g in parser._action_groups if g.title == "adapter")
+    flags = {a.dest: a for a in group._group_actions}
+    fields = option_fields()
+    assert set(fields) <= set(flags)
+    assert set(flags) - set(fields) == {"peft", "adapter_format", "quant", "train_parts"}
+    for name, (field, kind) in fields.items():
+        action = flags[name]
+        assert (action.default, action.help, action.type) == (field.default, field.metadata["help"], kind)
+        assert action.choices == field.metadata["choices"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--bone_b", "0"], "--bone_b must be a positive integer, got 0"),
+    (["--peft", "lora", "--pissa_r", "0"], "--pissa_r must be a positive integer, got 0"),
+    (["--lora_dropout", "1"], "--lora_dropout must lie in [0, 1)"),
+    (["--lora_alpha", "nan"], "--lora_alpha nan is not a finite number; give a plain number"),
+    (["--peft", "bone", "--miss_mini_r", "8"], "--miss_mini_r applies to --miss_mode mini only"),
+])
+def test_option_checks_run_whatever_the_method(argv, message):
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace(")", r"\)")):
+        parse_args(["--model_preset", "3b", "--dry_run", *argv])
+
+
+def test_pissa_and_olora_read_the_lora_flags_the_library_reads():
+    # train.py passes a method every option of its options class, as apply_peft(**options) takes them
+    assert peft_options(flags("--peft", "pissa", "--lora_dropout", "0.1"))["lora_dropout"] == 0.1
+    assert peft_options(flags("--peft", "olora", "--pissa_r", "4"))["lora_r"] == 4
+    assert peft_options(flags("--peft", "olora", "--pissa_r", "4")) == method_settings("olora", {"pissa_r": 4})

@@ -1,4 +1,4 @@
-"""--resume refuses every changed method setting (RESUME_KEYS = base keys + every registry option),
+"""--resume refuses every changed method setting (resume_keys() = base keys + every registry option),
 checked on the saved settings directly: no training needed."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from rwkv_bone.errors import UserError
 from rwkv_bone.peft.registry import OPTIONS, REGISTRY
 from rwkv_bone.train.args import build_parser
-from rwkv_bone.train.checkpoints import BASE_RESUME_KEYS, RESUME_KEYS, check_resume_settings, resume_settings
+from rwkv_bone.train.checkpoints import BASE_RESUME_KEYS, check_resume_settings, resume_keys, resume_settings
 
 # A value other than the default for every registry option (a new option must be added here).
 OTHER = {"bone_b": "32", "bone_mode": "col", "lora_r": "8", "lora_alpha": "16", "lora_dropout": "0.1",
@@ -21,9 +21,9 @@ def flags(*extra: str):
 
 
 def test_resume_keys_are_the_base_keys_and_every_option_of_every_method():
-    assert set(OPTIONS) == {o for m in REGISTRY.values() for o in m.options}
-    assert RESUME_KEYS == BASE_RESUME_KEYS + OPTIONS
-    assert len(set(RESUME_KEYS)) == len(RESUME_KEYS)
+    assert set(OPTIONS) == {o for m in REGISTRY.values() for o in m.option_names}
+    assert resume_keys() == BASE_RESUME_KEYS + OPTIONS
+    assert len(set(resume_keys())) == len(resume_keys())
     assert set(OTHER) == set(OPTIONS)
 
 
@@ -55,7 +55,7 @@ def test_resume_accepts_the_same_settings_a_longer_run_and_old_states():
     check_resume_settings(saved, build_parser().parse_args(
         ["--load_model", os.path.abspath("base.pth"), "--data_file", os.path.abspath("data/pile"),
          "--peft", "bone", "--bone_b", "32"]))
-    # a state saved before lora_alpha joined RESUME_KEYS lacks the key: nothing to compare
+    # a state saved before lora_alpha joined the keys lacks it: nothing to compare
     old = {k: v for k, v in resume_settings(flags("--peft", "lora")).items() if k != "lora_alpha"}
     check_resume_settings(old, flags("--peft", "lora", "--lora_alpha", "16"))
 

@@ -18,7 +18,7 @@ from ..errors import UserError
 from .formats import ADAPTER_FORMATS, hf_peft, ours, read_adapter
 from .formats.common import META_KEY, AdapterFile
 from .inject import adapter_modules, apply_peft, mark_trainable, trainable_part_params
-from .registry import OPTIONS, get_method
+from .registry import get_method
 
 FORMAT = ours.FORMAT
 
@@ -188,9 +188,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, lora_alpha: float | 
                         (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else "") +
                         " that the model does not train; check its targets and train parts")
     if not wrapped and not has_state:
-        options = {k: meta[k] for k in OPTIONS if k in meta}
-        if meta["method"] in ("pissa", "olora"):
-            options["pissa_r"] = options.get("lora_r")
+        options = method.options_of(meta)
         factors = {n: (t["init_lora_A"], t["init_lora_B"]) for n, t in af.layers.items()
                    if "init_lora_A" in t}
         apply_peft(model, meta["method"], targets=meta["targets"] or None, init_factors=factors, **options)
@@ -199,7 +197,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, lora_alpha: float | 
                 model.get_parameter(key).requires_grad_(True)
     else:
         have = getattr(model, "peft_config", {})
-        for k in ("method", "bone_mode", "bone_b", "lora_r", "lora_alpha", "miss_r", "miss_mode", "miss_mini_r"):
+        for k in ("method", *method.compared_settings(meta)):
             if k in meta and k in have and str(have[k]) != str(meta[k]):
                 raise UserError(f"the model's adapters have {k}={have.get(k)!r} but adapter "
                                 f"{af.path} has {meta[k]!r}; load it into a fresh base model")

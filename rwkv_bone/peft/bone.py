@@ -34,8 +34,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
 from .fold import base_weight, fold_into_linear
-
-from ..peft_names import BONE_MODES  # noqa: E402  (the one list; parsers read it without torch)
+from .options.bone import BONE_MODES
+from .registry import MethodCode
 
 
 def _blockwise(xv: torch.Tensor, m: torch.Tensor, transpose: bool) -> torch.Tensor:
@@ -247,17 +247,7 @@ class BoneLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, b={self.b}, mode={self.mode}"
 
 
-# ---- registry entry (see registry.py) ------------------------------------------------------------
-OPTIONS = ("bone_b", "bone_mode")          # the flags settings() reads
-
-
-def settings(options: dict) -> dict:
-    mode = options.get("bone_mode", "row")
-    if mode not in BONE_MODES:
-        raise UserError(f"unknown Bone mode {mode!r}; choose one of {', '.join(BONE_MODES)}")
-    return dict(bone_b=int(options.get("bone_b", 64)), bone_mode=mode)
-
-
+# ---- registry code (see registry.py) -------------------------------------------------------------
 def check_layer(name: str, out: int, n_in: int, s: dict) -> None:
     check_block_size(name, out, n_in, s["bone_b"])
 
@@ -282,10 +272,4 @@ def merged(w: torch.Tensor, s: dict, t: dict[str, torch.Tensor]) -> torch.Tensor
     return w + bone_delta(w, t["bone"], s["bone_mode"])
 
 
-def label(s: dict) -> str:
-    return f"bone-{s['bone_mode']} b={s['bone_b']}"
-
-
-def peft_folder(s: dict) -> bool:
-    """--adapter_format peft (an HF PEFT folder) holds the col variant only."""
-    return s["bone_mode"] == "col"
+CODE = MethodCode(BoneLinear, build, check_layer, layer_shapes, ("bone", "bone_a", "bone_b"), merged)

@@ -14,17 +14,17 @@ from torch import nn
 
 from ..errors import UserError
 from ..quant import QuantLinear
-from .registry import LAYER_TYPES, METHODS, get_method, method_settings
+from .registry import get_method, layer_types, method_settings
 
 DEFAULT_TARGETS = ("att.receptance", "att.key", "att.value", "att.gate", "att.output",
                    "ffn.key", "ffn.receptance", "ffn.value")
 TRAIN_PARTS = ("time", "ln", "emb", "head")
-ADAPTER_TYPES = LAYER_TYPES
 
 
 def adapter_modules(model: nn.Module) -> dict[str, nn.Module]:
     """{qualified name: wrapper} for every adapter layer in `model`."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, ADAPTER_TYPES)}
+    types = layer_types()
+    return {n: m for n, m in model.named_modules() if isinstance(m, types)}
 
 
 def _parse_list(value: Iterable[str] | str | None) -> list[str]:

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..errors import UserError
 from .fold import fold_into_linear
+from .registry import MethodCode
 
 LORA_INITS = ("lora", "pissa", "olora")
 
@@ -117,25 +118,7 @@ class LoraLinear(nn.Module):
                 f"scale={self.scale:g}, init={self.init}")
 
 
-# ---- registry entries (see registry.py): lora, pissa and olora share everything but the init --------
-def options_for(method: str) -> tuple[str, ...]:
-    """The flags settings_for(method) reads (lora_alpha only counts for plain LoRA; pissa/olora use scale 1)."""
-    if method == "pissa":
-        return ("lora_r", "pissa_r", "svd_niter", "lora_alpha")
-    return ("lora_r", "lora_alpha", "lora_dropout")
-
-
-def settings_for(method: str):
-    def settings(options: dict) -> dict:
-        pissa_r = options.get("pissa_r")
-        rank = int(options.get("lora_r", 32) if method == "lora" or pissa_r is None else pissa_r)
-        alpha = options.get("lora_alpha")
-        alpha = float(alpha) if method == "lora" and alpha is not None else float(rank)
-        return dict(lora_r=rank, lora_alpha=alpha, lora_dropout=float(options.get("lora_dropout", 0.0)),
-                    svd_niter=int(options.get("svd_niter", 4)))
-    return settings
-
-
+# ---- registry code (see registry.py): lora, pissa and olora share everything but the init --------
 def check_layer(name: str, out: int, n_in: int, s: dict) -> None:
     return None                                    # the rank is checked per layer by LoraLinear
 
@@ -164,5 +147,9 @@ def merged(w: torch.Tensor, s: dict, t: dict[str, torch.Tensor]) -> torch.Tensor
     return w + lora_delta(t["lora_A"], t["lora_B"], s["lora_alpha"] / s["lora_r"])
 
 
-def label_for(method: str):
-    return lambda s: f"{method} r={s['lora_r']}"
+def _code(method: str) -> MethodCode:
+    kinds = ("lora_A", "lora_B") if method == "lora" else ("lora_A", "lora_B", "init_lora_A", "init_lora_B")
+    return MethodCode(LoraLinear, build_for(method), check_layer, shapes_for(method), kinds, merged)
+
+
+LORA, PISSA, OLORA = _code("lora"), _code("pissa"), _code("olora")

@@ -24,8 +24,8 @@ from torch import nn
 
 from ..errors import UserError
 from .fold import fold_into_linear
-
-from ..peft_names import MISS_MODES  # noqa: E402  (the one list; parsers read it without torch)
+from .options.miss import MISS_MODES
+from .registry import MethodCode
 
 
 def miss_full(block: torch.Tensor, out_features: int) -> torch.Tensor:
@@ -97,19 +97,7 @@ class MissLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, mode={self.mode}{mini}"
 
 
-# ---- registry entry (see registry.py) ------------------------------------------------------------
-OPTIONS = ("miss_r", "miss_mode", "miss_mini_r")   # the flags settings() reads
-
-
-def settings(options: dict) -> dict:
-    r = int(options.get("miss_r", 64))
-    mode = options.get("miss_mode", "default") or "default"
-    mini_r = int(options.get("miss_mini_r") or 1)
-    if mode not in MISS_MODES:
-        raise UserError(f"unknown MiSS mode {mode!r}; choose one of {', '.join(MISS_MODES)}")
-    return dict(miss_r=r, miss_mode=mode, miss_mini_r=mini_r if mode == "mini" else None)
-
-
+# ---- registry code (see registry.py) -------------------------------------------------------------
 def check_layer(name: str, out: int, n_in: int, s: dict) -> None:
     check_miss(name, out, n_in, s["miss_r"], s["miss_mode"], s["miss_mini_r"] or 1)
 
@@ -129,5 +117,4 @@ def merged(w: torch.Tensor, s: dict, t: dict[str, torch.Tensor]) -> torch.Tensor
     return (w.view(out, n_in // r, r) + miss_full(t["miss"], out).t().unsqueeze(1)).view(out, n_in)
 
 
-def label(s: dict) -> str:
-    return f"miss r={s['miss_r']}" + (f" mini_r={s['miss_mini_r']}" if s["miss_mode"] == "mini" else "")
+CODE = MethodCode(MissLinear, build, check_layer, layer_shapes, ("miss",), merged)

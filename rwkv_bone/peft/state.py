@@ -23,6 +23,8 @@ import re
 
 from torch import Tensor, nn
 
+from .registry import MethodCode
+
 STATE_KEY_RE = re.compile(r"^blocks\.(\d+)\.att\.time_state$")
 
 
@@ -33,13 +35,6 @@ def apply_model(model: nn.Module, s: dict) -> list[str]:
     for name in names:
         model.get_parameter(name).requires_grad_(True)
     return names
-
-
-OPTIONS: tuple[str, ...] = ()              # state tuning has no settings
-
-
-def settings(options: dict) -> dict:
-    return {}
 
 
 def check_layer(name: str, out: int, n_in: int, s: dict) -> None:
@@ -54,5 +49,4 @@ def merged(w: Tensor, s: dict, t: dict[str, Tensor]) -> Tensor:
     return w
 
 
-def label(s: dict) -> str:
-    return "state"
+CODE = MethodCode(None, None, check_layer, layer_shapes, (), merged, apply_model)

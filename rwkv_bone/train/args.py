@@ -11,10 +11,9 @@ import os
 from typing import Sequence
 
 from ..errors import UserError
-from ..peft_names import BONE_MODES, METHODS, MISS_MODES
+from ..peft import registry
 from .objectives.options import add_objective_args, validate_objective
 
-PEFT_METHODS = ("none", *METHODS)
 TRAIN_TYPES = ("none", "infctx")
 QUANT_TYPES = ("none", "nf4", "fp4", "int8")
 ADAPTER_FORMATS = ("ours", "peft")
@@ -39,11 +38,9 @@ VALID_TASKS = ("none", "gsm8k", "math", "exact")
 PRECISIONS = {"bf16": "bf16", "bf16-mixed": "bf16", "fp32": "fp32", "32": "fp32", "32-true": "fp32"}
 
 
-def _registry():
-    """rwkv_bone.peft.registry, imported on first use (it needs torch; the parser does not)."""
-    from ..peft import registry
-
-    return registry
+def peft_methods() -> tuple[str, ...]:
+    """--peft's choices: none and every method of the registry."""
+    return ("none", *registry.methods())
 
 
 def _bool01(text: str) -> bool:
@@ -121,21 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: on for --peft none, off for adapters")
 
     g = p.add_argument_group("adapter")
-    g.add_argument("--peft", default="bone", choices=PEFT_METHODS, help="adapter method (none = train all weights)")
-    g.add_argument("--bone_b", type=int, default=64, help="Bone block size b")
-    g.add_argument("--bone_mode", default="row", choices=BONE_MODES, help="Bone variant")
-    g.add_argument("--lora_r", type=int, default=32, help="LoRA / OLoRA rank")
-    g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank, scale 1)")
-    g.add_argument("--lora_dropout", type=float, default=0.0, help="LoRA dropout")
-    g.add_argument("--pissa_r", type=int, default=None, help="PiSSA rank (default --lora_r)")
-    g.add_argument("--miss_r", type=int, default=64, help="MiSS rank r (r-wide input slices summed)")
-    g.add_argument("--miss_mode", default="default", choices=MISS_MODES,
-                   help="MiSS variant: default (r, out) tensor per linear, mini (r, miss_mini_r) tiled over the output")
-    g.add_argument("--miss_mini_r", type=int, default=None, help="--miss_mode mini: output width of the tensor")
+    g.add_argument("--peft", default="bone", choices=peft_methods(), help="adapter method (none = train all weights)")
+    add_method_options(g)
     g.add_argument("--adapter_format", default="ours", choices=ADAPTER_FORMATS,
                    help="epoch adapters: ours (rwkv-{epoch}.pth) or peft (HF PEFT folder rwkv-{epoch}/, "
                         "for --bone_mode col, miss and lora)")
-    g.add_argument("--svd_niter", type=int, default=4, help="PiSSA fast-SVD iterations")
     g.add_argument("--quant", default="none", choices=QUANT_TYPES,
                    help="store the frozen att/ffn linears quantised (bitsandbytes): nf4 / fp4 (4-bit, blocks "
                         "of 64) or int8 (per output row); adapters, emb, head, norms and time_* stay unquantised")
@@ -179,6 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_method_options(group) -> None:
+    """One flag per option of the registry's methods (rwkv_bone/peft/options/), in table order."""
+    for name, (field, kind) in registry.option_fields().items():
+        choices = field.metadata["choices"]
+        group.add_argument(f"--{name}", type=kind, default=field.default, help=field.metadata["help"],
+                           **({} if choices is None else {"choices": choices}))
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     validate(args)
@@ -203,19 +198,19 @@ def peft_options(args: argparse.Namespace) -> dict:
     count_trainable; {} for --peft none."""
     if args.peft == "none":
         return {}
-    method = _registry().get_method(args.peft)
-    return method.settings({k: getattr(args, k) for k in method.options if getattr(args, k) is not None})
+    method = registry.get_method(args.peft)
+    return method.settings({k: getattr(args, k) for k in method.option_names})
 
 
 def method_label(args: argparse.Namespace) -> str:
     """Short text naming the adapter, e.g. 'bone-row b=64', 'lora r=32'."""
     if args.peft == "none":
         return "full"
-    return _registry().get_method(args.peft).label(peft_options(args))
+    return registry.get_method(args.peft).label(peft_options(args))
 
 
 def _quant_methods() -> str:
-    names = [n for n, m in _registry().REGISTRY.items() if m.supports_quant]
+    names = [n for n, m in registry.REGISTRY.items() if m.supports_quant]
     return ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
 
 
@@ -235,10 +230,18 @@ def validate_valid_args(args: argparse.Namespace) -> None:
                         "deepspeed_stage_2, or score the saved adapter with eval.py")
 
 
+def validate_method_options(args: argparse.Namespace) -> None:
+    """Every method's option checks (rwkv_bone/peft/options/), whichever --peft is chosen: a bad
+    value is refused even where this run ignores it."""
+    values = vars(args)
+    for options in registry.option_classes():
+        options.from_options(values).check()
+
+
 def validate(args: argparse.Namespace) -> None:
     """Flag combinations that can never work; each raises one UserError sentence."""
     positive = ["ctx_len", "micro_bsz", "accumulate_grad_batches", "epoch_steps", "epoch_count", "epoch_save",
-                "devices", "num_nodes", "bone_b", "lora_r", "svd_niter", "miss_r", "chunk_ctx"]
+                "devices", "num_nodes", "chunk_ctx"]
     for name in positive:
         if getattr(args, name) <= 0:
             raise UserError(f"--{name} must be a positive integer, got {getattr(args, name)}")
@@ -246,11 +249,11 @@ def validate(args: argparse.Namespace) -> None:
                  "n_layer", "n_embd", "vocab_size"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must not be negative, got {getattr(args, name)}")
-    for name in ("lr_init", "lr_final", "beta1", "beta2", "adam_eps", "weight_decay", "grad_clip", "lora_alpha",
-                 "lora_dropout"):
+    for name in ("lr_init", "lr_final", "beta1", "beta2", "adam_eps", "weight_decay", "grad_clip"):
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):
             raise UserError(f"--{name} {value} is not a finite number; give a plain number")
+    validate_method_options(args)
     if args.lr_init is None:
         args.lr_init = DEFAULT_STATE_LR if args.peft == "state" else DEFAULT_LR
     if args.l2wrap is None:
@@ -265,16 +268,8 @@ def validate(args: argparse.Namespace) -> None:
         raise UserError("--beta1 and --beta2 must lie in [0, 1)")
     if args.weight_decay < 0 or args.grad_clip < 0 or args.adam_eps <= 0:
         raise UserError("--weight_decay and --grad_clip must not be negative and --adam_eps must be positive")
-    if not 0 <= args.lora_dropout < 1:
-        raise UserError("--lora_dropout must lie in [0, 1)")
-    if args.pissa_r is not None and args.pissa_r <= 0:
-        raise UserError(f"--pissa_r must be a positive integer, got {args.pissa_r}")
-    if args.miss_mode == "mini" and (args.miss_mini_r is None or args.miss_mini_r <= 0):
-        raise UserError("--miss_mode mini needs a positive --miss_mini_r (the tensor's output width, e.g. 64)")
-    if args.miss_mini_r is not None and args.miss_mode != "mini":
-        raise UserError("--miss_mini_r applies to --miss_mode mini only; drop it or add --miss_mode mini")
     if args.adapter_format == "peft" and (args.peft == "none" or
-                                          not _registry().get_method(args.peft).peft_folder(peft_options(args))):
+                                          not registry.get_method(args.peft).peft_folder(peft_options(args))):
         what = f"--peft bone --bone_mode {args.bone_mode}" if args.peft == "bone" else f"--peft {args.peft}"
         raise UserError(f"--adapter_format peft exists for --bone_mode col, miss and lora, not {what}; "
                         "use --adapter_format ours")
@@ -312,7 +307,7 @@ def validate(args: argparse.Namespace) -> None:
     if args.layerwise_lr and args.peft != "none" and "time" not in train_parts(args):
         raise UserError("--layerwise_lr 1 doubles the lr of the time_decay tensors, which train only with "
                         "--train_parts time (or --peft none); add --train_parts time or drop --layerwise_lr")
-    if args.quant != "none" and args.peft != "none" and not _registry().get_method(args.peft).supports_quant:
+    if args.quant != "none" and args.peft != "none" and not registry.get_method(args.peft).supports_quant:
         raise UserError(f"--quant {args.quant} runs the adapters of --peft {_quant_methods()} on a "
                         f"quantised base; --peft {args.peft} does not support it yet, so drop --quant or "
                         "use one of those methods")

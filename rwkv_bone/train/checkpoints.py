@@ -26,7 +26,7 @@ import torch
 
 from ..atomic import text_atomic, torch_save_atomic
 from ..errors import UserError
-from ..peft.registry import OPTIONS
+from ..peft.registry import option_names
 from .strategy import full_fp32_param
 
 STATE_FILE = "last-state.pth"
@@ -34,12 +34,16 @@ STATE_POINTER = "last-state.json"
 STATE_DIR = "state"
 STATE_FORMAT = "rwkv-bone-train-state"
 # Flags that must not change between a run and its resumption (they change the data or the model):
-# these, plus every option of every fine-tuning method (the registry's OPTIONS, lora_alpha included).
+# these, plus every option of every fine-tuning method (the fields of the registry's options
+# classes, lora_alpha included), whichever method the run uses.
 # --epoch_count may grow (train longer; a decaying lr schedule then spans the new length).
 BASE_RESUME_KEYS = ("data_file", "data_type", "ctx_len", "micro_bsz", "accumulate_grad_batches", "epoch_steps",
                     "random_seed", "peft", "train_parts", "magic_prime", "load_model", "layerwise_lr", "sft_pack",
                     "quant")
-RESUME_KEYS = BASE_RESUME_KEYS + tuple(k for k in OPTIONS if k not in BASE_RESUME_KEYS)
+
+
+def resume_keys() -> tuple[str, ...]:
+    return BASE_RESUME_KEYS + tuple(k for k in option_names() if k not in BASE_RESUME_KEYS)
 
 
 def trained_tensors(model: torch.nn.Module, deepspeed_on: bool) -> dict[str, torch.Tensor]:
@@ -86,7 +90,7 @@ def save_epoch_checkpoint(path: str, model: torch.nn.Module, *, deepspeed_on: bo
 
 
 def resume_settings(args) -> dict:
-    out = {k: getattr(args, k) for k in RESUME_KEYS}
+    out = {k: getattr(args, k) for k in resume_keys()}
     for k in ("data_file", "load_model"):  # the same file named another way is the same file
         if out[k]:
             out[k] = os.path.abspath(out[k])
@@ -95,8 +99,8 @@ def resume_settings(args) -> dict:
 
 def check_resume_settings(saved: dict, args) -> None:
     now = resume_settings(args)
-    for k in RESUME_KEYS:
-        if k in saved and saved[k] != now[k]:   # states saved before a key joined RESUME_KEYS lack it
+    for k in resume_keys():
+        if k in saved and saved[k] != now[k]:   # states saved before a key joined the keys lack it
             was = f"--{k} {saved[k]!r}" if saved[k] is not None else f"no --{k} (the default)"
             has = repr(now[k]) if now[k] is not None else f"no --{k}"
             raise UserError(f"--resume: the saved run used {was} but this one has {has}; "

@@ -12,11 +12,15 @@ import torch
 from torch import Tensor
 
 from ...errors import UserError
-from ..registry import LAYER_KINDS
+from ..registry import layer_kinds
 from ..state import STATE_KEY_RE
 
 META_KEY = "__peft__"
-LAYER_RE = re.compile(r"^(blocks\.\d+\.(?:att|ffn)\.\w+)\.(" + "|".join(LAYER_KINDS) + r")$")
+
+
+def layer_key_re() -> re.Pattern:
+    """blocks.{i}.{att|ffn}.{name}.{kind} for every tensor kind of the registry's methods."""
+    return re.compile(r"^(blocks\.\d+\.(?:att|ffn)\.\w+)\.(" + "|".join(layer_kinds()) + r")$")
 
 
 @dataclass
@@ -52,8 +56,9 @@ def split_tensors(af: AdapterFile, raw: dict[str, Tensor]) -> AdapterFile:
     bad = [k for k, v in raw.items() if not isinstance(v, Tensor)]
     if bad:
         raise UserError(f"adapter {af.path} has a non-tensor entry {bad[0]!r}; expected a dict of tensors")
+    layer_re = layer_key_re()
     for key, t in raw.items():
-        m = LAYER_RE.match(key)
+        m = layer_re.match(key)
         if m:
             af.layers.setdefault(m.group(1), {})[m.group(2)] = t
         elif STATE_KEY_RE.match(key):

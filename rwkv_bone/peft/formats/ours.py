@@ -18,7 +18,7 @@ import os
 from torch import Tensor
 
 from ...errors import UserError
-from ..registry import METHODS
+from ..registry import REGISTRY
 from .common import META_KEY, AdapterFile, split_tensors
 
 FORMAT = "rwkv-bone-adapter"
@@ -37,7 +37,7 @@ def read(path: str, raw: dict, lora_alpha: float | None) -> AdapterFile:
     except (TypeError, ValueError):
         raise UserError(f"adapter {path} has an unreadable {META_KEY} entry; re-save it with "
                         "save_adapter") from None
-    if not isinstance(af.meta, dict) or af.meta.get("method") not in METHODS:
+    if not isinstance(af.meta, dict) or af.meta.get("method") not in REGISTRY:
         method = af.meta.get("method") if isinstance(af.meta, dict) else None
         raise UserError(f"adapter {path} names an unknown method {method!r}")
     if lora_alpha is not None and af.meta["method"] == "lora":
