@@ -71,3 +71,19 @@ def test_pissa_and_olora_read_the_lora_flags_the_library_reads():
     assert peft_options(flags("--peft", "pissa", "--lora_dropout", "0.1"))["lora_dropout"] == 0.1
     assert peft_options(flags("--peft", "olora", "--pissa_r", "4"))["lora_r"] == 4
     assert peft_options(flags("--peft", "olora", "--pissa_r", "4")) == method_settings("olora", {"pissa_r": 4})
+
+
+def test_the_table_and_the_options_import_without_torch():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys\nfrom rwkv_bone.peft import registry\n"
+            "assert registry.method_settings('bone', {'bone_b': 32}) == {'bone_b': 32, 'bone_mode': 'row'}\n"
+            "assert registry.option_names() and registry.get_method('miss').label({'miss_r': 8, 'miss_mode': 'default'})\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO_TORCH')")
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env={"PYTHONPATH": str(root)},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "NO_TORCH"

@@ -50,10 +50,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, extra_meta: dict | N
         raise UserError(f"unknown adapter format {format!r}; choose one of {', '.join(ADAPTER_FORMATS)}")
     check_writable_dir(path, "adapter")
     sd = adapter_state_dict(model)
-    for name, layer in adapter_modules(model).items():
-        if getattr(layer, "init", "lora") in ("pissa", "olora"):
-            sd[f"{name}.init_lora_A"] = layer.init_A.detach().cpu()
-            sd[f"{name}.init_lora_B"] = layer.init_B.detach().cpu()
+    for name, layer in adapter_modules(model).items():   # init_* kinds (PiSSA/OLoRA's A0, B0)
+        init = layer.init_tensors() if hasattr(layer, "init_tensors") else {}
+        sd.update({f"{name}.{kind}": t.detach().cpu() for kind, t in init.items()})
     if format == "peft":
         layers = {name: {k: getattr(layer, k) for k in layer.adapter_names()}
                   for name, layer in adapter_modules(model).items()}

@@ -97,6 +97,10 @@ class LoraLinear(nn.Module):
     def adapter_names(self) -> list[str]:
         return ["lora_A", "lora_B"]
 
+    def init_tensors(self) -> dict[str, torch.Tensor]:
+        """The saved but never trained tensors: PiSSA/OLoRA's A0, B0 (W_res = W - B0 A0)."""
+        return {} if self.init == "lora" else {"init_lora_A": self.init_A, "init_lora_B": self.init_B}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dt = x.dtype
         qbase = getattr(self, "qbase", None)      # a QuantLinear (rwkv_bone.quant) or None
