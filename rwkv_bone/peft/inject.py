@@ -49,10 +49,10 @@ def apply_peft(model: nn.Module, method: str, *, targets: Iterable[str] | str | 
                **options) -> list[str]:
     """Freeze `model`, add the adapters of `method` (rwkv_bone.peft.registry), leave only them trainable.
 
-    options (each method reads its own, see its file): bone (bone_b, bone_mode row|col|ab), lora
-    (lora_r, lora_alpha (default = r, scale 1), lora_dropout), pissa / olora (rank pissa_r, default
-    lora_r; scale 1; svd_niter subspace iterations for PiSSA), miss (miss_r, miss_mode
-    default|mini, miss_mini_r), state (none: one time_state per layer). targets: names such as
+    options: each method reads the fields of its options class (rwkv_bone/peft/options/: bone
+    bone_b, bone_mode; lora / pissa / olora lora_r, lora_alpha, lora_dropout, pissa_r, svd_niter;
+    miss miss_r, miss_mode, miss_mini_r; state none), the same names as train.py's flags, and
+    its checks refuse bad values; any other method's option is ignored. targets: names such as
     "att.key", "ffn.value" (default all 8; not used by state). init_factors: {layer name: (A0, B0)}
     to rebuild PiSSA/OLoRA residuals from a saved adapter instead of factorising again. Returns the
     names added: wrapped linears ("blocks.0.att.key", ...) or model-level tensors.

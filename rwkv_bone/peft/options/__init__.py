@@ -70,7 +70,7 @@ class MethodOptions:
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> "MethodOptions":
         """The options of this method among `options` (others are ignored; None = the default),
-        converted to the field types (check() is not run)."""
+        converted to the field types (check() is not run; options are int, float or str)."""
         kinds = cls.value_types()
         given = {k: kinds[k](v) for k, v in options.items() if k in kinds and v is not None}
         return cls(**given)
@@ -81,7 +81,7 @@ class MethodOptions:
             value = getattr(self, f.name)
             choices = f.metadata["choices"]
             if choices is not None and value is not None and value not in choices:
-                raise UserError(f"--{f.name} {value!r} is not one of {', '.join(choices)}; choose one of them")
+                raise UserError(f"unknown --{f.name} {value!r}; choose one of {', '.join(choices)}")
             for check in f.metadata["checks"]:
                 check(f.name, value)
 
