@@ -87,3 +87,16 @@ def test_the_table_and_the_options_import_without_torch():
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "NO_TORCH"
+
+
+@pytest.mark.parametrize("method, options", [
+    ("bone", {"bone_mode": "row"}), ("bone", {"bone_mode": "col"}), ("bone", {"bone_mode": "ab"}),
+    ("lora", {}), ("pissa", {}), ("olora", {}), ("miss", {}), ("miss", {"miss_mode": "mini", "miss_mini_r": 8}),
+    ("state", {}),
+])
+def test_every_tensor_kind_a_layer_holds_is_one_its_code_declares(method, options):
+    from rwkv_bone.peft.registry import layer_kinds
+
+    entry = REGISTRY[method]
+    shapes = entry.layer_shapes(method_settings(method, options), 64, 64)
+    assert set(shapes) <= set(entry.code.kinds) <= set(layer_kinds())

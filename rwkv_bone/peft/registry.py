@@ -7,7 +7,7 @@ An entry says, for one method:
     options                          its options dataclass (rwkv_bone/peft/options/): the fields are
                                      train.py's flags and apply_peft's keywords, with defaults, help
                                      and checks; it also gives the recorded settings and the label
-    code                             "module:attribute" of its `MethodCode` (below), beside its math
+    code_path                        "module:attribute" of its `MethodCode` (below), beside its math
     supports_quant                   whether it runs on a quantised base (train.py --quant)
 and its options class says whether an HF PEFT folder can hold it (peft_folder, train.py
 --adapter_format peft). A method's `MethodCode` says:
