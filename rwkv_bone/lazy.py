@@ -22,9 +22,8 @@ def lazy_package(package: str, names: Mapping[str, str]) -> None:
         def __getattr__(self, name: str):
             if name not in names:
                 raise AttributeError(f"module {package!r} has no attribute {name!r}")
-            value = getattr(importlib.import_module(f"{package}.{names[name]}"), name)
-            types.ModuleType.__setattr__(self, name, value)
-            return value
+            # Not cached here: a value the submodule computes when read (registry.METHODS) stays live.
+            return getattr(importlib.import_module(f"{package}.{names[name]}"), name)
 
         def __setattr__(self, name: str, value: object) -> None:
             if isinstance(value, types.ModuleType) and names.get(name) == name:
