@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -174,7 +175,7 @@ def test_grpo_resumed_after_sigkill_ends_with_the_same_adapter(files, tmp_path):
 @pytest.mark.parametrize("over,message", [
     ({"num_generations": 1}, "--num_generations 1: GRPO compares the completions of each prompt with each other, so it needs at least 2"),
     ({"reward": "bleu"}, "unknown reward 'bleu'; choose one of gsm8k, math, exact (eval.py's scorers)"),
-    ({"peft": "none"}, "with --peft none that would be a second whole model"),
+    ({"peft": "none"}, "with --peft none would be a second whole model; use --grpo_beta 0 or an adapter"),
 ])
 def test_grpo_configurations_that_cannot_work_are_refused_before_writing(files, tmp_path, over, message):
     proj = str(tmp_path / "refused")
@@ -193,3 +194,48 @@ def test_dpo_on_a_prefix_that_is_not_pairs_is_refused(files, tmp_path):
     assert not os.path.exists(proj)
     r = train_cli(base_flags(files["ckpt"], data, proj, objective="dpo", data_type="sft"))
     assert r.returncode == 2 and "--objective dpo needs preference pairs" in r.stderr
+
+
+def test_full_finetune_dpo_stores_the_base_logps_and_starts_at_ln2(files, pairs, tmp_path):
+    from rwkv_bone.model import RWKV6
+    from rwkv_bone.train.data import open_sampler
+    from rwkv_bone.train.objectives.dpo import pair_logps
+    from rwkv_bone.train.objectives.stored import REFERENCE_FILE
+
+    proj = str(tmp_path / "full")
+    flags = base_flags(files["ckpt"], pairs, proj, objective="dpo", data_type="pairs", ctx_len=48, epoch_steps=2,
+                       epoch_count=1, lr_init=1e-3, peft="none", bone_b=None, save_every_steps=1)
+    r = train_cli(flags)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = rows(proj)
+    assert abs(float(got[0]["loss"]) - math.log(2)) < 1e-6 and float(got[0]["rewards_margin"]) == 0
+    stored = torch.load(os.path.join(proj, REFERENCE_FILE), weights_only=True)
+    base = RWKV6.from_state_dict(torch.load(files["ckpt"], weights_only=True), dtype=torch.float32).eval()
+    sampler = open_sampler(pairs, "pairs", 48, 0)
+    assert stored["total"].shape == (sampler.n_docs, 2)
+    for i in range(sampler.n_docs):
+        x, y, mask = (torch.from_numpy(np.stack([sampler.document(2 * i + k)[j] for k in (0, 1)]))[None]
+                      for j in range(3))
+        with torch.no_grad():
+            c, rj = pair_logps(base, x, y, mask)
+        assert stored["total"][i].tolist() == pytest.approx([c.total.item(), rj.total.item()], abs=1e-4)
+        assert stored["count"][i].tolist() == [c.count.item(), rj.count.item()]
+    # A resume whose stored table belongs to something else is one sentence, and writes nothing.
+    stored["fingerprint"] = "other"
+    torch.save(stored, os.path.join(proj, REFERENCE_FILE))
+    before = sorted(os.listdir(proj))
+    flags[flags.index("--epoch_count") + 1] = "2"
+    r = train_cli(flags + ["--resume"])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "holds reference log-probabilities of other pair data" in r.stderr
+    assert sorted(os.listdir(proj)) == before
+
+
+def test_full_finetune_grpo_without_kl_needs_no_reference(files, tmp_path):
+    proj = str(tmp_path / "grpo_full")
+    r = train_cli(grpo_flags(files, proj, peft="none", lora_r=None, grpo_beta=0, epoch_steps=2, epoch_count=1,
+                             lr_init=1e-3))
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = rows(proj)
+    assert len(got) == 2 and all(float(row["kl"]) == 0 for row in got)
+    assert os.path.isfile(os.path.join(proj, "rwkv-0.pth"))

@@ -127,7 +127,8 @@ class SFTDocuments:
 class PairDocuments(SFTDocuments):
     """Preference pairs (make_data.py on prompt/chosen/rejected records): documents 2i (prompt +
     chosen) and 2i + 1 (prompt + rejected), masks on the responses. A sample is one pair: x, y, mask
-    (2, T) and real positions (2,); a new pair order every pass."""
+    (2, T), real positions (2,) and the pair number i (the key of a stored reference, objectives/
+    stored.py); a new pair order every pass."""
 
     def __init__(self, reader: TokenReader, mask: TokenReader, ctx_len: int, seed: int) -> None:
         super().__init__(reader, mask, ctx_len, seed)
@@ -140,7 +141,7 @@ class PairDocuments(SFTDocuments):
         data_pass, pos = divmod(g, self.n_docs)
         pair = int(self.order(data_pass)[pos])
         rows = [self.document(2 * pair + k) for k in (0, 1)]
-        return tuple(np.stack(parts) for parts in zip(*rows))
+        return (*(np.stack(parts) for parts in zip(*rows)), np.int64(pair))
 
 
 class PromptOrder:

@@ -13,12 +13,19 @@ from .reference import InitialWeights
 class DPOObjective:
     metric_names = ("rewards_chosen", "rewards_rejected", "rewards_accuracy", "rewards_margin")
 
-    def __init__(self, model, beta: float, kind: str) -> None:
-        self.reference, self.beta, self.kind = InitialWeights(model), beta, kind
+    def __init__(self, model, beta: float, kind: str, stored=None) -> None:
+        # With an adapter the reference is its start swapped in; with --peft none (stored, a
+        # objectives.stored.StoredReference) the base's log-probs computed before the first update.
+        self.reference = InitialWeights(model) if stored is None else None
+        self.stored, self.beta, self.kind = stored, beta, kind
 
     def __call__(self, module, batch: tuple[Tensor, ...], micro: int):
         x, y, mask, real = batch[:4]                        # (B, 2, T) x3, (B, 2)
-        loss, m = dpo_batch_loss(module.model, self.reference, x, y, mask, self.beta, self.kind)
+        reference = self.reference
+        if self.stored is not None:
+            self.stored.ensure(module)
+            reference = self.stored.pair_logps(batch[4], like=mask.float())  # batch[4]: (B, 1) pair numbers
+        loss, m = dpo_batch_loss(module.model, reference, x, y, mask, self.beta, self.kind)
         return loss, m, real.sum()
 
 
@@ -66,10 +73,11 @@ class GRPOObjective:
         return loss, m, m["completion_tokens"] * len(idx) * self.settings.num_generations
 
 
-def build_objective(o, seed: int, data_file: str, model):
-    """o: the run's ObjectiveConfig (train/config.py)."""
+def build_objective(o, seed: int, data_file: str, model, stored_reference=None):
+    """o: the run's ObjectiveConfig (train/config.py); stored_reference: DPO's StoredReference
+    (objectives/stored.py) for --peft none, else None."""
     if o.objective == "dpo":
-        return DPOObjective(model, o.dpo_beta, o.dpo_loss)
+        return DPOObjective(model, o.dpo_beta, o.dpo_loss, stored_reference)
     if o.objective == "grpo":
         return GRPOObjective(model, o, seed, data_file)
     return None

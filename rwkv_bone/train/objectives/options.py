@@ -45,9 +45,10 @@ def validate_objective(args: argparse.Namespace) -> None:
         if args.data_type == "pairs":
             raise UserError("--data_type pairs holds preference pairs; train them with --objective dpo")
         return
-    if args.peft == "none":
-        raise UserError(f"--objective {o} takes its reference from the model with the adapter at its start; "
-                        "with --peft none that would be a second whole model, so use an adapter (e.g. --peft bone)")
+    if args.peft == "none" and o == "grpo" and args.grpo_beta > 0:
+        raise UserError("--grpo_beta above 0 needs the reference model's log-probs of every fresh rollout, which "
+                        "with --peft none would be a second whole model; use --grpo_beta 0 or an adapter "
+                        "(e.g. --peft bone)")
     if args.strategy.startswith("deepspeed_stage_3"):
         raise UserError(f"--objective {o} swaps the reference weights in place, which ZeRO-3's sharded "
                         "weights do not allow; use deepspeed_stage_1 or deepspeed_stage_2")
