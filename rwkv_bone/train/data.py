@@ -145,14 +145,19 @@ class PairDocuments(SFTDocuments):
 
 
 class PromptOrder:
-    """GRPO: sample g is the index of one prompt record; a new order every pass."""
+    """GRPO: sample g is the index of one prompt record; a new order every pass. With --grpo_iterations
+    K each batch of prompts serves K consecutive optimizer steps (their rollouts are reused):
+    sample g of step s reads the order at position (s // K) * per_step + (g mod per_step), where
+    per_step = micro_bsz x accumulation x processes (the samples of one step)."""
 
-    def __init__(self, n_records: int, seed: int) -> None:
+    def __init__(self, n_records: int, seed: int, iterations: int = 1, per_step: int = 1) -> None:
         self.n, self.seed = n_records, seed
+        self.iterations, self.per_step = iterations, per_step
         self._pass, self._perm = -1, np.empty(0, dtype=np.int64)
 
     def __call__(self, g: int) -> tuple[np.ndarray, ...]:
-        data_pass, pos = divmod(g, self.n)
+        step, within = divmod(g, self.per_step)
+        data_pass, pos = divmod((step // self.iterations) * self.per_step + within, self.n)
         if data_pass != self._pass:
             self._perm = np.random.default_rng([self.seed, 2, data_pass]).permutation(self.n)
             self._pass = data_pass

@@ -273,7 +273,8 @@ def build_run(args: argparse.Namespace) -> TrainRun | None:
     if objective is not None and sampler is None:
         from .data import PromptOrder
 
-        sampler = PromptOrder(len(objective.records), cfg.run.random_seed)
+        sampler = PromptOrder(len(objective.records), cfg.run.random_seed, cfg.objective.grpo_iterations,
+                              d.micro_bsz * d.accumulate_grad_batches * plan.world_size)
     optimizer_state = None
     if resume_info is not None and resume_info["kind"] == "plain":
         ck.load_plain_trainables(model, resume_info)

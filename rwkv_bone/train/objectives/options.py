@@ -71,9 +71,12 @@ def validate_objective(args: argparse.Namespace) -> None:
         raise UserError("--max_new_tokens must be at least 1, --temperature positive and --top_p in (0, 1]")
     if args.grpo_beta < 0 or not 0 <= args.grpo_epsilon < 1:
         raise UserError("--grpo_beta must not be negative and --grpo_epsilon must lie in [0, 1)")
-    if args.grpo_iterations != 1:
-        raise UserError("--grpo_iterations above 1 (several updates per batch of rollouts) is not built yet; "
-                        "use 1")
+    K = args.grpo_iterations
+    if K < 1:
+        raise UserError(f"--grpo_iterations {K}: give the number of policy updates per batch of rollouts, 1 or more")
+    if K > 1 and (args.epoch_steps % K or args.save_every_steps % K):
+        raise UserError(f"--grpo_iterations {K} reuses each batch of rollouts for {K} steps and a resumable state "
+                        f"is only saved between batches; make --epoch_steps and --save_every_steps multiples of {K}")
     if not args.data_file.endswith(".jsonl"):
         raise UserError("--objective grpo samples answers to questions: give --data_file as a .jsonl of "
                         "records eval.py reads (question/answer, query/response, problem/solution)")
