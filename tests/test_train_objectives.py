@@ -232,6 +232,7 @@ def test_grpo_iterations_resumed_after_sigkill_end_with_the_same_adapter(files, 
 
 @pytest.mark.parametrize("over,message", [
     ({"grpo_iterations": 2}, "make --epoch_steps and --save_every_steps multiples of 2"),
+    ({"strategy": "deepspeed_stage_3", "devices": 2}, "which reads whole weights that ZeRO-3 shards across processes"),
     ({"num_generations": 1}, "--num_generations 1: GRPO compares the completions of each prompt with each other, so it needs at least 2"),
     ({"reward": "bleu"}, "unknown reward 'bleu'; choose one of gsm8k, math, exact (eval.py's scorers)"),
     ({"peft": "none"}, "with --peft none would be a second whole model; use --grpo_beta 0 or an adapter"),
@@ -253,6 +254,15 @@ def test_dpo_on_a_prefix_that_is_not_pairs_is_refused(files, tmp_path):
     assert not os.path.exists(proj)
     r = train_cli(base_flags(files["ckpt"], data, proj, objective="dpo", data_type="sft"))
     assert r.returncode == 2 and "--objective dpo needs preference pairs" in r.stderr
+
+
+def test_dpo_with_an_adapter_under_zero3_is_refused_naming_the_ways_out(files, pairs, tmp_path):
+    proj = str(tmp_path / "refused")
+    r = train_cli(base_flags(files["ckpt"], pairs, proj, objective="dpo", data_type="pairs",
+                             strategy="deepspeed_stage_3", devices=2))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "use deepspeed_stage_1 or deepspeed_stage_2 (or --peft none" in r.stderr
+    assert not os.path.exists(proj)
 
 
 def test_full_finetune_dpo_stores_the_base_logps_and_starts_at_ln2(files, pairs, tmp_path):
