@@ -289,11 +289,18 @@ def test_full_finetune_dpo_stores_the_base_logps_and_starts_at_ln2(files, pairs,
             c, rj = pair_logps(base, x, y, mask)
         assert stored["total"][i].tolist() == pytest.approx([c.total.item(), rj.total.item()], abs=1e-4)
         assert stored["count"][i].tolist() == [c.count.item(), rj.count.item()]
-    # A resume whose stored table belongs to something else is one sentence, and writes nothing.
-    stored["fingerprint"] = "other"
-    torch.save(stored, os.path.join(proj, REFERENCE_FILE))
-    before = sorted(os.listdir(proj))
+    # A resume reuses the table (its weights are no longer the base's) ...
+    ref_path = os.path.join(proj, REFERENCE_FILE)
+    written = open(ref_path, "rb").read()
     flags[flags.index("--epoch_count") + 1] = "2"
+    r = train_cli(flags + ["--resume"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert open(ref_path, "rb").read() == written and len(rows(proj)) == 4
+    # ... and one whose stored table belongs to something else is one sentence, and writes nothing.
+    stored["fingerprint"] = "other"
+    torch.save(stored, ref_path)
+    before = sorted(os.listdir(proj))
+    flags[flags.index("--epoch_count") + 1] = "3"
     r = train_cli(flags + ["--resume"])
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "holds reference log-probabilities of other pair data" in r.stderr
