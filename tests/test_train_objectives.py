@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -34,7 +35,22 @@ def files(tmp_path_factory):
     prompts.write_text("".join(json.dumps({"question": f"{a}+{b}=", "answer": f"#### {a + b}"}) + "\n"
                                for a in range(1, 4) for b in range(1, 3)))
     return {"dir": d, "vocab": str(vocab), "prefs": str(prefs), "prompts": str(prompts),
-            "ckpt": tiny_checkpoint(str(d / "tiny.pth"), vocab=300)}
+            "ckpt": tiny_checkpoint(str(d / "tiny.pth"), vocab=300), "digits": digits_checkpoint(str(d / "digits.pth"))}
+
+
+def digits_checkpoint(path: str) -> str:
+    """A tiny model that mostly answers one of the digits 2..5 (byte ids 51..54), so GRPO's rewards
+    differ within a group and the adapter really trains (a random model is never right)."""
+    tiny_checkpoint(path, vocab=300)
+    sd = torch.load(path, weights_only=True)
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(sd["ln_out.bias"].shape, generator=g)
+    v = 2.0 * v / v.norm()
+    sd["ln_out.weight"] = sd["ln_out.weight"] * 0.1
+    sd["ln_out.bias"] = v
+    sd["head.weight"][51:55] = 3.0 * v / v.norm()
+    torch.save(sd, path)
+    return path
 
 
 def make_data(*args) -> subprocess.CompletedProcess:
@@ -119,11 +135,11 @@ def test_dpo_first_loss_is_ln2_and_trl_metrics_are_logged(files, pairs, tmp_path
 
 
 def grpo_flags(files, proj, **over):
-    opts = dict(objective="grpo", reward="gsm8k", tokenizer=files["vocab"], num_generations=3, max_new_tokens=5,
+    opts = dict(objective="grpo", reward="gsm8k", tokenizer=files["vocab"], num_generations=4, max_new_tokens=1,
                 temperature=1.0, grpo_beta=0.04, epoch_steps=3, epoch_count=2, lr_init=2e-2, micro_bsz=2,
                 peft="lora", lora_r=4, bone_b=None)
     opts.update(over)
-    return base_flags(files["ckpt"], files["prompts"], proj, **opts)
+    return base_flags(files["digits"], files["prompts"], proj, **opts)
 
 
 def test_grpo_run_logs_its_metrics(files, tmp_path):
@@ -133,7 +149,7 @@ def test_grpo_run_logs_its_metrics(files, tmp_path):
     got = rows(proj)
     assert len(got) == 3
     for row in got:
-        assert 1 <= float(row["completion_tokens"]) <= 5
+        assert float(row["completion_tokens"]) == 1
         assert 0 <= float(row["reward_mean"]) <= 1 and float(row["reward_std"]) >= 0
         assert float(row["kl"]) >= 0 and 0 <= float(row["clip_fraction"]) <= 1
     assert float(got[0]["kl"]) == pytest.approx(0, abs=1e-6)  # the policy starts at the reference
@@ -171,10 +187,55 @@ def test_grpo_resumed_after_sigkill_ends_with_the_same_adapter(files, tmp_path):
     assert [r["loss"] for r in rows(proj_a)] == [r["loss"] for r in rows(proj_b)]
 
 
+def test_grpo_iterations_reuse_rollouts_and_clip_from_the_second_update(files, tmp_path):
+    proj = str(tmp_path / "iters")
+    r = train_cli(grpo_flags(files, proj, grpo_iterations=2, epoch_steps=4, epoch_count=1, lr_init=0.3))
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = rows(proj)
+    assert len(got) == 4
+    assert [float(row["clip_fraction"]) for row in got[0::2]] == [0, 0]  # generation steps: rho = 1
+    assert any(float(row["clip_fraction"]) > 0 for row in got[1::2])
+    for first, second in zip(got[0::2], got[1::2]):  # the same rollouts serve both steps
+        assert first["reward_mean"] == second["reward_mean"] and first["reward_std"] == second["reward_std"]
+    assert float(got[0]["reward_std"]) > 0
+
+
+def test_grpo_iterations_resumed_after_sigkill_end_with_the_same_adapter(files, tmp_path):
+    proj_a, proj_b = str(tmp_path / "a"), str(tmp_path / "b")
+    over = dict(grpo_iterations=2, epoch_steps=4, epoch_count=2, save_every_steps=2, lr_init=0.1)
+    r = train_cli(grpo_flags(files, proj_a, **over))
+    assert r.returncode == 0, r.stderr[-2000:]
+    flags_b = grpo_flags(files, proj_b, **over)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    proc = subprocess.Popen([sys.executable, TRAIN, *flags_b], env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while proc.poll() is None and len(rows(proj_b) if os.path.isfile(os.path.join(proj_b, "metrics.csv"))
+                                          else []) < 3 and time.time() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert state_step(proj_b) in (2, 4, 6)  # states only between batches of rollouts
+    r = train_cli(flags_b + ["--resume"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    a = torch.load(os.path.join(proj_a, "rwkv-1.pth"), weights_only=True)
+    b = torch.load(os.path.join(proj_b, "rwkv-1.pth"), weights_only=True)
+    for k, v in a.items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, b[k]), k
+    assert [r["loss"] for r in rows(proj_a)] == [r["loss"] for r in rows(proj_b)]
+    assert any(float(r["clip_fraction"]) > 0 for r in rows(proj_a))
+
+
 @pytest.mark.parametrize("over,message", [
+    ({"grpo_iterations": 2}, "make --epoch_steps and --save_every_steps multiples of 2"),
+    ({"strategy": "deepspeed_stage_3", "devices": 2}, "which reads whole weights that ZeRO-3 shards across processes"),
     ({"num_generations": 1}, "--num_generations 1: GRPO compares the completions of each prompt with each other, so it needs at least 2"),
     ({"reward": "bleu"}, "unknown reward 'bleu'; choose one of gsm8k, math, exact (eval.py's scorers)"),
-    ({"peft": "none"}, "with --peft none that would be a second whole model"),
+    ({"peft": "none"}, "with --peft none would be a second whole model; use --grpo_beta 0 or an adapter"),
 ])
 def test_grpo_configurations_that_cannot_work_are_refused_before_writing(files, tmp_path, over, message):
     proj = str(tmp_path / "refused")

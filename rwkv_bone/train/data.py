@@ -127,7 +127,8 @@ class SFTDocuments:
 class PairDocuments(SFTDocuments):
     """Preference pairs (make_data.py on prompt/chosen/rejected records): documents 2i (prompt +
     chosen) and 2i + 1 (prompt + rejected), masks on the responses. A sample is one pair: x, y, mask
-    (2, T) and real positions (2,); a new pair order every pass."""
+    (2, T), real positions (2,) and the pair number i (the key of a stored reference, objectives/
+    stored.py); a new pair order every pass."""
 
     def __init__(self, reader: TokenReader, mask: TokenReader, ctx_len: int, seed: int) -> None:
         super().__init__(reader, mask, ctx_len, seed)
@@ -140,18 +141,23 @@ class PairDocuments(SFTDocuments):
         data_pass, pos = divmod(g, self.n_docs)
         pair = int(self.order(data_pass)[pos])
         rows = [self.document(2 * pair + k) for k in (0, 1)]
-        return tuple(np.stack(parts) for parts in zip(*rows))
+        return (*(np.stack(parts) for parts in zip(*rows)), np.int64(pair))
 
 
 class PromptOrder:
-    """GRPO: sample g is the index of one prompt record; a new order every pass."""
+    """GRPO: sample g is the index of one prompt record; a new order every pass. With --grpo_iterations
+    K each batch of prompts serves K consecutive optimizer steps (their rollouts are reused):
+    sample g of step s reads the order at position (s // K) * per_step + (g mod per_step), where
+    per_step = micro_bsz x accumulation x processes (the samples of one step)."""
 
-    def __init__(self, n_records: int, seed: int) -> None:
+    def __init__(self, n_records: int, seed: int, iterations: int = 1, per_step: int = 1) -> None:
         self.n, self.seed = n_records, seed
+        self.iterations, self.per_step = iterations, per_step
         self._pass, self._perm = -1, np.empty(0, dtype=np.int64)
 
     def __call__(self, g: int) -> tuple[np.ndarray, ...]:
-        data_pass, pos = divmod(g, self.n)
+        step, within = divmod(g, self.per_step)
+        data_pass, pos = divmod((step // self.iterations) * self.per_step + within, self.n)
         if data_pass != self._pass:
             self._perm = np.random.default_rng([self.seed, 2, data_pass]).permutation(self.n)
             self._pass = data_pass

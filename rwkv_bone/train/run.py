@@ -259,12 +259,22 @@ def build_run(args: argparse.Namespace) -> TrainRun | None:
     del base_sd  # the model holds what it needs; drop the rest of the mapping
     from .objectives.build import build_objective
 
-    # Before a resumed state loads: the reference snapshot is the adapter's start.
-    objective = build_objective(cfg.objective, cfg.run.random_seed, d.data_file, model)
+    # Before a resumed state loads: the reference snapshot is the adapter's start (or, for --peft
+    # none, the fingerprint of the base whose log-probs the stored reference holds).
+    stored = None
+    if cfg.objective.objective == "dpo" and cfg.method["peft"] == "none":
+        from ..data.binidx import split_prefix
+        from .objectives.stored import StoredReference, fingerprint
+
+        stored = StoredReference(cfg.run.proj_dir, fingerprint(split_prefix(d.data_file), d.ctx_len,
+                                                               A.precision_mode(args), model),
+                                 resume=resume_info is not None)
+    objective = build_objective(cfg.objective, cfg.run.random_seed, d.data_file, model, stored)
     if objective is not None and sampler is None:
         from .data import PromptOrder
 
-        sampler = PromptOrder(len(objective.records), cfg.run.random_seed)
+        sampler = PromptOrder(len(objective.records), cfg.run.random_seed, cfg.objective.grpo_iterations,
+                              d.micro_bsz * d.accumulate_grad_batches * plan.world_size)
     optimizer_state = None
     if resume_info is not None and resume_info["kind"] == "plain":
         ck.load_plain_trainables(model, resume_info)

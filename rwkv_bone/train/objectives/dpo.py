@@ -86,9 +86,13 @@ def pair_logps(model, x: Tensor, y: Tensor, mask: Tensor) -> tuple[SeqLogp, SeqL
 def dpo_batch_loss(model, reference, x: Tensor, y: Tensor, mask: Tensor, beta: float,
                    kind: str = "sigmoid") -> tuple[Tensor, dict[str, Tensor]]:
     """The DPO loss of one micro-batch of pairs; `reference` (objectives.reference.InitialWeights)
-    gives the reference log-probs with the trained tensors at their start, without gradients."""
-    with torch.no_grad(), reference.swapped_in(model):
-        ref_c, ref_r = pair_logps(model, x, y, mask)
+    gives the reference log-probs with the trained tensors at their start, without gradients, or is
+    the (chosen, rejected) SeqLogp pair already known (objectives.stored: --peft none)."""
+    if isinstance(reference, tuple):
+        ref_c, ref_r = reference
+    else:
+        with torch.no_grad(), reference.swapped_in(model):
+            ref_c, ref_r = pair_logps(model, x, y, mask)
     pol_c, pol_r = pair_logps(model, x, y, mask)
     return dpo_loss(pol_c, pol_r, ref_c, ref_r, beta, kind)
 

@@ -17,6 +17,10 @@ Normalisation of the sum of l_t over the batch's N completions (mask = completio
     dr_grpo  sum over all tokens / (N * max_new_tokens)
 Reported: kl (masked token mean of KL_t) and clip_fraction (share of tokens where the clip is the
 active side of the min: rho < 1 - eps with A < 0, or rho > 1 + eps with A > 0).
+
+--grpo_iterations K (TRL's num_iterations): the rollouts of a batch are generated once and reused
+for K optimizer steps; pi_old is the policy at generation time (the first update's log-probs), so
+rho = 1 on the first update and the clip acts from the second on.
 """
 from __future__ import annotations
 
@@ -102,35 +106,67 @@ def completion_rows(prompts: Sequence[Sequence[int]], completions: Sequence[Sequ
     return x, y, mask
 
 
-def grpo_batch_loss(model, reference, prompts: Sequence[Sequence[int]],
-                    reward: Callable[[int, list[int]], float], s: GRPOSettings,
-                    generator: torch.Generator, vocab_limit: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-    """One GRPO micro-batch: G rollouts per prompt with the shared batched decoder, rewards
-    reward(prompt index, completion tokens), group advantages, and the clipped loss on the
-    completions (one policy update per batch of rollouts, so pi_old = pi: rho = 1 numerically)."""
+@dataclass
+class Rollouts:
+    """One micro-batch of sampled completions as training rows (on the model's device), reused for
+    --grpo_iterations updates. old_logp / ref_logp (N, T) are filled by the first update: the
+    policy's log-probs at generation time (pi_old) and the reference's (constant)."""
+
+    prompts: list[int]   # the prompt records they answer (a check that a reuse is the same batch)
+    x: Tensor            # (N, T) int64, N = P * G rows: prompt + completion
+    y: Tensor            # (N, T) int64
+    mask: Tensor         # (N, T) float32, 1 = completion token
+    advantages: Tensor   # (N,)
+    rewards: Tensor      # (P, G)
+    mean_length: float   # completion tokens per row
+    old_logp: Tensor | None = None
+    ref_logp: Tensor | None = None
+
+
+def sample_rollouts(model, prompts: Sequence[Sequence[int]], reward: Callable[[int, list[int]], float],
+                    s: GRPOSettings, generator: torch.Generator, vocab_limit: int | None = None,
+                    records: Sequence[int] = ()) -> Rollouts:
+    """G rollouts per prompt with the shared batched decoder, rewards reward(prompt index,
+    completion tokens) and group advantages."""
     from ...decode import sample_batch
-    from .logps import token_logps
 
     G = s.num_generations
-    rollouts = sample_batch(model, prompts, G, s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                            generator=generator, vocab_limit=vocab_limit)
-    rewards = torch.tensor([[float(reward(i, r.tokens)) for r in group] for i, group in enumerate(rollouts)])
+    groups = sample_batch(model, prompts, G, s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                          generator=generator, vocab_limit=vocab_limit)
+    rewards = torch.tensor([[float(reward(i, r.tokens)) for r in group] for i, group in enumerate(groups)])
     adv = group_advantages(rewards, scale=s.loss != "dr_grpo").flatten()               # (P * G,)
     rows_p = [p for p in prompts for _ in range(G)]
-    rows_c = [r.tokens for group in rollouts for r in group]
+    rows_c = [r.tokens for group in groups for r in group]
     device = model.emb.weight.device
     x, y, mask = (t.to(device) for t in completion_rows(rows_p, rows_c))
-    logp = token_logps(model, x, y, s.temperature)                                    # (N, T)
-    ref = None
-    if s.beta and reference is not None:
+    return Rollouts(list(records), x, y, mask, adv.to(device), rewards,
+                    float(sum(len(c) for c in rows_c)) / len(rows_c))
+
+
+def rollout_loss(model, reference, ro: Rollouts, s: GRPOSettings) -> tuple[Tensor, dict[str, Tensor]]:
+    """The clipped loss of one policy update on `ro`. The first update records pi_old = pi (so
+    rho = 1 numerically: one update per batch is plain -A grad log pi); later ones compare with it."""
+    from .logps import token_logps
+
+    logp = token_logps(model, ro.x, ro.y, s.temperature)                              # (N, T)
+    if ro.old_logp is None:
+        ro.old_logp = logp.detach()
+    if s.beta and reference is not None and ro.ref_logp is None:
         with torch.no_grad(), reference.swapped_in(model):
-            ref = token_logps(model, x, y, s.temperature)
-    loss, m = grpo_loss(logp, logp.detach(), adv.to(device), mask, ref_logp=ref, beta=s.beta,
+            ro.ref_logp = token_logps(model, ro.x, ro.y, s.temperature)
+    loss, m = grpo_loss(logp, ro.old_logp, ro.advantages, ro.mask, ref_logp=ro.ref_logp, beta=s.beta,
                         epsilon=s.epsilon, kind=s.loss, max_new_tokens=s.max_new_tokens)
-    m.update(reward_mean=rewards.mean(), reward_std=rewards.flatten().std(),
-             completion_tokens=torch.tensor(float(sum(len(c) for c in rows_c)) / len(rows_c)))
+    m.update(reward_mean=ro.rewards.mean(), reward_std=ro.rewards.flatten().std(),
+             completion_tokens=torch.tensor(ro.mean_length))
     return loss, m
 
 
-__all__ = ["GRPO_LOSSES", "GRPOSettings", "group_advantages", "grpo_loss", "completion_rows",
-           "grpo_batch_loss"]
+def grpo_batch_loss(model, reference, prompts: Sequence[Sequence[int]],
+                    reward: Callable[[int, list[int]], float], s: GRPOSettings,
+                    generator: torch.Generator, vocab_limit: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """One GRPO micro-batch with one policy update per batch of rollouts: sample, score, update."""
+    return rollout_loss(model, reference, sample_rollouts(model, prompts, reward, s, generator, vocab_limit), s)
+
+
+__all__ = ["GRPO_LOSSES", "GRPOSettings", "Rollouts", "group_advantages", "grpo_loss", "completion_rows",
+           "sample_rollouts", "rollout_loss", "grpo_batch_loss"]

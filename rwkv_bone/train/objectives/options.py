@@ -45,12 +45,13 @@ def validate_objective(args: argparse.Namespace) -> None:
         if args.data_type == "pairs":
             raise UserError("--data_type pairs holds preference pairs; train them with --objective dpo")
         return
-    if args.peft == "none":
-        raise UserError(f"--objective {o} takes its reference from the model with the adapter at its start; "
-                        "with --peft none that would be a second whole model, so use an adapter (e.g. --peft bone)")
-    if args.strategy.startswith("deepspeed_stage_3"):
-        raise UserError(f"--objective {o} swaps the reference weights in place, which ZeRO-3's sharded "
-                        "weights do not allow; use deepspeed_stage_1 or deepspeed_stage_2")
+    if args.peft == "none" and o == "grpo" and args.grpo_beta > 0:
+        raise UserError("--grpo_beta above 0 needs the reference model's log-probs of every fresh rollout, which "
+                        "with --peft none would be a second whole model; use --grpo_beta 0 or an adapter "
+                        "(e.g. --peft bone)")
+    if o == "grpo" and args.strategy.startswith("deepspeed_stage_3"):
+        raise UserError("--objective grpo samples its rollouts with the recurrent decoder, which reads whole "
+                        "weights that ZeRO-3 shards across processes; use deepspeed_stage_1 or deepspeed_stage_2")
     if args.train_type == "infctx" or args.sft_pack:
         raise UserError(f"--objective {o} runs whole sequences; drop --train_type infctx and --sft_pack")
     if o == "dpo":
@@ -70,9 +71,12 @@ def validate_objective(args: argparse.Namespace) -> None:
         raise UserError("--max_new_tokens must be at least 1, --temperature positive and --top_p in (0, 1]")
     if args.grpo_beta < 0 or not 0 <= args.grpo_epsilon < 1:
         raise UserError("--grpo_beta must not be negative and --grpo_epsilon must lie in [0, 1)")
-    if args.grpo_iterations != 1:
-        raise UserError("--grpo_iterations above 1 (several updates per batch of rollouts) is not built yet; "
-                        "use 1")
+    K = args.grpo_iterations
+    if K < 1:
+        raise UserError(f"--grpo_iterations {K}: give the number of policy updates per batch of rollouts, 1 or more")
+    if K > 1 and (args.epoch_steps % K or args.save_every_steps % K):
+        raise UserError(f"--grpo_iterations {K} reuses each batch of rollouts for {K} steps and a resumable state "
+                        f"is only saved between batches; make --epoch_steps and --save_every_steps multiples of {K}")
     if not args.data_file.endswith(".jsonl"):
         raise UserError("--objective grpo samples answers to questions: give --data_file as a .jsonl of "
                         "records eval.py reads (question/answer, query/response, problem/solution)")
