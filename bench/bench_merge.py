@@ -7,6 +7,7 @@ RWKV6Config.expected_shapes gives, i.e. what rwkv_bone's model saves; values N(0
 all a merge's cost depends on) and a Bone-row adapter on every default target, in a temporary
 folder under --dir (outside the repository), then runs each case in a fresh subprocess:
   copy        torch.load(mmap=True) + torch.save: the floor a merge cannot beat
+  copy_fsync  the same, then fsync (a merge's atomic write waits for the disk; the copy does not)
   old_merge   load_state_dict + merge_state_dict + first_non_finite + torch.save (merge.py today)
   streamed    rwkv_bone.merging.merge_checkpoint to .pth, and to .safetensors (streamed_st)
   merge_only  the adapter arithmetic alone (registry merged() for every adapted weight, no output)
@@ -15,7 +16,8 @@ folder under --dir (outside the repository), then runs each case in a fresh subp
   dry_run     train.run(--load_model BASE --dry_run): shapes only
 Reported per case: wall seconds of the subprocess (Python + torch start-up included), inner_s (the
 case alone, after `import torch`; the rwkv_bone / lightning imports it needs are inside), and peak
-anonymous memory (RssAnon sampled every 10 ms from the parent). Everything written is deleted at the end.
+anonymous memory (RssAnon sampled every 10 ms from the parent). Before each case (not timed) os.sync()
+writes back what the previous one left dirty. Everything written is deleted at the end.
 
 Measured at L24 C2048 (2.98 GiB, bench/results/bench_merge_1.6b.txt; 2 shared cores, noisy): copy 9.9 s
 / 0.14 GB; old merge 25-31 s / 4.1 GB; streamed .pth 25 s / 0.47 GB (0.16x the checkpoint); the
@@ -83,6 +85,10 @@ def _case(case: str, base: str, out: str, bone_b: int) -> None:
 
     if case == "copy":
         torch.save(torch.load(base, mmap=True, weights_only=True), out)
+    elif case == "copy_fsync":   # the same, then waiting for the disk as an atomic write does
+        torch.save(torch.load(base, mmap=True, weights_only=True), out)
+        with open(out, "rb") as f:
+            os.fsync(f.fileno())
     elif case == "old_merge":
         from rwkv_bone.checkpoint import first_non_finite, load_state_dict
         from rwkv_bone.atomic import torch_save_atomic
@@ -132,6 +138,7 @@ def rss_anon_kb(pid: int) -> int:
 
 
 def measure(case: str, base: str, out: str, bone_b: int) -> dict:
+    os.sync()   # not timed: no case pays for the writeback of what the one before it wrote
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     t0 = time.perf_counter()
     p = subprocess.Popen([sys.executable, __file__, "--worker", case, "--base", base, "--out", out,
