@@ -21,10 +21,14 @@ line number, and an unpaired surrogate raises UnicodeEncodeError here as in the 
 """
 from __future__ import annotations
 
+import os
 import random
 from typing import Sequence
 
 from .world_vocab import WorldVocab, world_vocab
+
+# The process that started pyrwkv-tokenizer's thread pool (see NativeWorldTokenizer.encode_many).
+_BATCH_PID: int | None = None
 
 
 def probe_text() -> str:
@@ -115,6 +119,22 @@ class NativeWorldTokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` (greedy longest match over its UTF-8 bytes). No end-of-document id."""
         return self._native.encode(text)
+
+    def encode_many(self, texts: list[str]) -> list[list[int]]:
+        """[encode(t) for t in texts] in one call: pyrwkv-tokenizer's encode_batch, which spreads
+        the texts over its Rust thread pool (RAYON_NUM_THREADS; all cores by default).
+
+        That pool is started by the first encode_batch of a process and does not survive fork: a
+        child forked after its parent used encode_batch would wait on the parent's threads
+        forever. So a process uses the batch call only when it was the first to start the pool
+        (or no ancestor it was forked from did); a child of a process that did encodes text by
+        text, with the same ids."""
+        global _BATCH_PID
+        pid = os.getpid()
+        if _BATCH_PID is not None and _BATCH_PID != pid:
+            return [self._native.encode(t) for t in texts]
+        _BATCH_PID = pid
+        return self._native.encode_batch(texts)
 
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
         try:
