@@ -4,7 +4,7 @@
 
 Writes a random-weight bf16 checkpoint in the official layout (the keys and shapes
 RWKV6Config.expected_shapes gives, i.e. what rwkv_bone's model saves; values N(0, 0.02), which is
-all a merge's cost depends on) and a Bone-row adapter on every default target, in a temporary
+all a merge's cost depends on; written through a file-backed scratch, not memory) and a Bone-row adapter on every default target, in a temporary
 folder under --dir (outside the repository), then runs each case in a fresh subprocess:
   copy        torch.load(mmap=True) + torch.save: the floor a merge cannot beat
   copy_fsync  the same, then fsync (a merge's atomic write waits for the disk; the copy does not)
@@ -40,15 +40,35 @@ sys.path.insert(0, ROOT)
 
 
 def make_checkpoint(path: str, n_layer: int, n_embd: int, vocab: int) -> None:
+    """torch.save of every tensor of the official layout, each held in its own slice of a scratch
+    file (np.memmap: file-backed pages, so a 15 GB checkpoint does not need 15 GB of memory),
+    filled from one random bf16 block at a different offset per tensor."""
+    import numpy as np
     import torch
 
     from rwkv_bone.config import RWKV6Config
 
     g = torch.Generator().manual_seed(0)
+    block = (torch.randn(1 << 24, generator=g) * 0.02).bfloat16().view(torch.int16).numpy()
     shapes = RWKV6Config(n_layer=n_layer, n_embd=n_embd, vocab_size=vocab).expected_shapes()
-    torch.save({k: (torch.randn(s, generator=g) * 0.02).bfloat16() for k, s in shapes.items()}, path)
-
-
+    scratch = path + ".scratch"
+    total = sum(int(np.prod(s)) for s in shapes.values()) * 2
+    with open(scratch, "wb") as f:
+        f.truncate(total)
+    sd, offset = {}, 0
+    for i, (k, shape) in enumerate(shapes.items()):
+        n = int(np.prod(shape))
+        m = np.memmap(scratch, dtype=np.int16, mode="r+", offset=offset, shape=(n,))
+        j, start = 0, (i * 7919) % block.size
+        while j < n:                                  # block[start:], then from its beginning
+            part = m[j:j + block.size - start]
+            part[:] = block[start:start + part.size]
+            j, start = j + part.size, 0
+        sd[k] = torch.from_numpy(m).view(torch.bfloat16).view(shape)
+        offset += n * 2
+    torch.save(sd, path)
+    del sd
+    os.remove(scratch)
 def bone_adapter(base: str, bone_b: int):
     """A Bone-row adapter (in-memory AdapterFile) on every default target of `base`, non-zero."""
     import torch
