@@ -337,3 +337,35 @@ def test_forked_workers_after_an_in_process_batch_run_do_not_hang(tmp_path):
     two = prepare(PrepareOptions(src, str(tmp_path / "two"), workers=2, progress=False, batch_docs=4))
     for ext in (".bin", ".idx"):
         assert open(one.prefix + ext, "rb").read() == open(two.prefix + ext, "rb").read()
+
+
+def test_a_passed_native_check_is_remembered_only_for_the_same_vocab_and_build(tmp_path, monkeypatch):
+    """The second start-up skips our vocab and the checks (same ids); a vocab file with other
+    bytes runs them again; a broken cache file is ignored."""
+    pytest.importorskip("pyrwkv_tokenizer")
+    import shutil
+
+    from rwkv_bone.data import world_native
+    from rwkv_bone.data.world_vocab import world_vocab_path
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    checks = []
+    real_check = world_native.NativeWorldTokenizer._check
+    monkeypatch.setattr(world_native.NativeWorldTokenizer, "_check", lambda self: checks.append(1) or real_check(self))
+    first, why = world_native.NativeWorldTokenizer.create()
+    second, _ = world_native.NativeWorldTokenizer.create()
+    assert not why and len(checks) == 1 and os.path.isfile(world_native.verdict_cache_file())
+    assert second._table is None and second.vocab_size == first.vocab_size == 65530   # vocab not read
+    text = "Hello, 世界 😀  x\n\n"
+    assert second.encode(text) == first.encode(text) and second.decode(second.encode(text)) == text
+    copy = tmp_path / "vocab.txt"                 # the same bytes elsewhere: the same verdict
+    shutil.copy(world_vocab_path(), copy)
+    assert world_native.NativeWorldTokenizer.create(str(copy))[0] is not None and len(checks) == 1
+    with open(copy, "a", encoding="utf-8") as f:  # other bytes: not served from the cache
+        f.write("\n")
+    tok, why = world_native.NativeWorldTokenizer.create(str(copy))
+    assert len(checks) == 2 or (tok is None and why)
+    with open(world_native.verdict_cache_file(), "w") as f:
+        f.write("{not json")
+    n = len(checks)
+    assert world_native.NativeWorldTokenizer.create()[0] is not None and len(checks) == n + 1
