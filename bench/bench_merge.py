@@ -19,10 +19,13 @@ case alone, after `import torch`; the rwkv_bone / lightning imports it needs are
 anonymous memory (RssAnon sampled every 10 ms from the parent). Before each case (not timed) os.sync()
 writes back what the previous one left dirty. Everything written is deleted at the end.
 
-Measured at L24 C2048 (2.98 GiB, bench/results/bench_merge_1.6b.txt; 2 shared cores, noisy): copy 9.9 s
-/ 0.14 GB; old merge 25-31 s / 4.1 GB; streamed .pth 25 s / 0.47 GB (0.16x the checkpoint); the
-Bone arithmetic alone (merge_only) 13 s, so the merge is compute-bound here; dry run 5-9 s / 0.28 GB
-of which read_config is 0.08 s (the rest: Python, torch and Lightning start-up).
+Measured at L24 C2048 (2.98 GiB, bench/results/bench_merge_1.6b.txt; 2 shared cores, noisy): copy
+10.0-10.4 s / 0.14 GB; streamed .pth 9.8-11.7 s (1.0-1.2x the copy) / 0.35 GB (0.12x the checkpoint),
+.safetensors 9.6 s; the Bone arithmetic alone (merge_only) 4.3 s (13 s before the chunked merge;
+the old in-memory merge took 25-31 s / 4.1 GB). At L32 C4096 (14.1 GiB, bench_merge_7b.txt): copy
+24.5-26.6 s, streamed 38.3 s (1.44-1.56x) / 0.77 GB (0.055x), .safetensors 39.5 s: the merge fsyncs
+its output (atomic write) and so waits for the disk, which the copy does not (copy_fsync shows that
+floor). Dry run 5-9 s / 0.28 GB of which read_config is 0.08 s (Python, torch, Lightning start-up).
 """
 from __future__ import annotations
 

@@ -1,10 +1,12 @@
 """Streamed merge: fold adapters into a base checkpoint at the cost of one layer in memory.
 
 The base is memory-mapped (rwkv_bone.checkpoint), so every tensor the adapters leave alone is
-written straight from the page cache. A merged weight is computed exactly as
-peft.adapter_io.merge_state_dict computes it (each adapter's registry `merged(W, s, tensors)` in
+written straight from the page cache. A merged weight has exactly the bits
+peft.adapter_io.merge_state_dict gives it (each adapter's registry `merged(W, s, tensors)` in
 float32, cast back to the base dtype after each adapter, so several adapters give the same bits),
-one layer at a time:
+one layer at a time; a Bone weight is computed a few rows at a time (bone_merged: the same float32
+operations in the same order, without weight-sized float32 temporaries), its NaN/inf check done
+on each chunk while it is in cache.
 
 - .pth output: torch.save needs every tensor at once, so it is run under
   torch.serialization.skip_data with an untouched torch.empty placeholder for each merged weight:
@@ -13,7 +15,8 @@ one layer at a time:
   scratch file next to the output, file-backed pages, then one ordinary torch.save.)
 - .safetensors output: the header is known from the shapes alone, so tensors are merged and
   written one after another.
-In both, a writer thread writes tensor i while the next one is merged.
+In both, a writer thread writes tensor i while the next one is merged, and starts its writeback to
+disk at once (sync_file_range), so the final fsync does not find the whole file still in memory.
 
 Every output tensor is checked for NaN/inf as it passes; the output is written atomically (a
 refused or failed merge leaves no file behind, an existing one is replaced only by a whole file).
@@ -355,4 +358,4 @@ def merge_checkpoint(base_path: str | os.PathLike, adapters: Sequence[AdapterFil
     return files
 
 
-__all__ = ["merge_checkpoint", "plan_merge"]
+__all__ = ["bone_merged", "merge_checkpoint", "plan_merge"]
