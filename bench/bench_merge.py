@@ -22,10 +22,11 @@ writes back what the previous one left dirty. Everything written is deleted at t
 Measured at L24 C2048 (2.98 GiB, bench/results/bench_merge_1.6b.txt; 2 shared cores, noisy): copy
 10.0-10.4 s / 0.14 GB; streamed .pth 9.8-11.7 s (1.0-1.2x the copy) / 0.35 GB (0.12x the checkpoint),
 .safetensors 9.6 s; the Bone arithmetic alone (merge_only) 4.3 s (13 s before the chunked merge;
-the old in-memory merge took 25-31 s / 4.1 GB). At L32 C4096 (14.1 GiB, bench_merge_7b.txt): copy
-24.5-26.6 s, streamed 38.3 s (1.44-1.56x) / 0.77 GB (0.055x), .safetensors 39.5 s: the merge fsyncs
-its output (atomic write) and so waits for the disk, which the copy does not (copy_fsync shows that
-floor). Dry run 5-9 s / 0.28 GB of which read_config is 0.08 s (Python, torch, Lightning start-up).
+the old in-memory merge took 25-31 s / 4.1 GB). At L32 C4096 (14.1 GiB, bench_merge_7b.txt, three
+runs): copy 24.5-32.2 s, copy_fsync 25.7-28.7 s, streamed .pth 36.6-39.5 s = 1.23-1.44x the copy of
+the same run (1.32x with OMP_NUM_THREADS=2) / 0.68-0.77 GB (0.05x), .safetensors 39.5 s; at this size
+the float32 Bone products (2 b flops per weight) are what the merge adds to the copy. Dry run 5-9 s /
+0.28 GB of which read_config is 0.08 s (Python, torch, Lightning start-up).
 """
 from __future__ import annotations
 
