@@ -4,9 +4,10 @@
 
 Writes a random-weight bf16 checkpoint in the official layout (the keys and shapes
 RWKV6Config.expected_shapes gives, i.e. what rwkv_bone's model saves; values N(0, 0.02), which is
-all a merge's cost depends on) and a Bone-row adapter on every default target, in a temporary
+all a merge's cost depends on; written through a file-backed scratch, not memory) and a Bone-row adapter on every default target, in a temporary
 folder under --dir (outside the repository), then runs each case in a fresh subprocess:
   copy        torch.load(mmap=True) + torch.save: the floor a merge cannot beat
+  copy_fsync  the same, then fsync (a merge's atomic write waits for the disk; the copy does not)
   old_merge   load_state_dict + merge_state_dict + first_non_finite + torch.save (merge.py today)
   streamed    rwkv_bone.merging.merge_checkpoint to .pth, and to .safetensors (streamed_st)
   merge_only  the adapter arithmetic alone (registry merged() for every adapted weight, no output)
@@ -15,12 +16,17 @@ folder under --dir (outside the repository), then runs each case in a fresh subp
   dry_run     train.run(--load_model BASE --dry_run): shapes only
 Reported per case: wall seconds of the subprocess (Python + torch start-up included), inner_s (the
 case alone, after `import torch`; the rwkv_bone / lightning imports it needs are inside), and peak
-anonymous memory (RssAnon sampled every 10 ms from the parent). Everything written is deleted at the end.
+anonymous memory (RssAnon sampled every 10 ms from the parent). Before each case (not timed) os.sync()
+writes back what the previous one left dirty. Everything written is deleted at the end.
 
-Measured at L24 C2048 (2.98 GiB, bench/results/bench_merge_1.6b.txt; 2 shared cores, noisy): copy 9.9 s
-/ 0.14 GB; old merge 25-31 s / 4.1 GB; streamed .pth 25 s / 0.47 GB (0.16x the checkpoint); the
-Bone arithmetic alone (merge_only) 13 s, so the merge is compute-bound here; dry run 5-9 s / 0.28 GB
-of which read_config is 0.08 s (the rest: Python, torch and Lightning start-up).
+Measured at L24 C2048 (2.98 GiB, bench/results/bench_merge_1.6b.txt; 2 shared cores, noisy): copy
+10.0-10.4 s / 0.14 GB; streamed .pth 9.8-11.7 s (1.0-1.2x the copy) / 0.35 GB (0.12x the checkpoint),
+.safetensors 9.6 s; the Bone arithmetic alone (merge_only) 4.3 s (13 s before the chunked merge;
+the old in-memory merge took 25-31 s / 4.1 GB). At L32 C4096 (14.1 GiB, bench_merge_7b.txt, three
+runs): copy 24.5-32.2 s, copy_fsync 25.7-28.7 s, streamed .pth 36.6-39.5 s = 1.23-1.44x the copy of
+the same run (1.32x with OMP_NUM_THREADS=2) / 0.68-0.77 GB (0.05x), .safetensors 39.5 s; at this size
+the float32 Bone products (2 b flops per weight) are what the merge adds to the copy. Dry run 5-9 s /
+0.28 GB of which read_config is 0.08 s (Python, torch, Lightning start-up).
 """
 from __future__ import annotations
 
@@ -38,15 +44,35 @@ sys.path.insert(0, ROOT)
 
 
 def make_checkpoint(path: str, n_layer: int, n_embd: int, vocab: int) -> None:
+    """torch.save of every tensor of the official layout, each held in its own slice of a scratch
+    file (np.memmap: file-backed pages, so a 15 GB checkpoint does not need 15 GB of memory),
+    filled from one random bf16 block at a different offset per tensor."""
+    import numpy as np
     import torch
 
     from rwkv_bone.config import RWKV6Config
 
     g = torch.Generator().manual_seed(0)
+    block = (torch.randn(1 << 24, generator=g) * 0.02).bfloat16().view(torch.int16).numpy()
     shapes = RWKV6Config(n_layer=n_layer, n_embd=n_embd, vocab_size=vocab).expected_shapes()
-    torch.save({k: (torch.randn(s, generator=g) * 0.02).bfloat16() for k, s in shapes.items()}, path)
-
-
+    scratch = path + ".scratch"
+    total = sum(int(np.prod(s)) for s in shapes.values()) * 2
+    with open(scratch, "wb") as f:
+        f.truncate(total)
+    sd, offset = {}, 0
+    for i, (k, shape) in enumerate(shapes.items()):
+        n = int(np.prod(shape))
+        m = np.memmap(scratch, dtype=np.int16, mode="r+", offset=offset, shape=(n,))
+        j, start = 0, (i * 7919) % block.size
+        while j < n:                                  # block[start:], then from its beginning
+            part = m[j:j + block.size - start]
+            part[:] = block[start:start + part.size]
+            j, start = j + part.size, 0
+        sd[k] = torch.from_numpy(m).view(torch.bfloat16).view(shape)
+        offset += n * 2
+    torch.save(sd, path)
+    del sd
+    os.remove(scratch)
 def bone_adapter(base: str, bone_b: int):
     """A Bone-row adapter (in-memory AdapterFile) on every default target of `base`, non-zero."""
     import torch
@@ -83,6 +109,10 @@ def _case(case: str, base: str, out: str, bone_b: int) -> None:
 
     if case == "copy":
         torch.save(torch.load(base, mmap=True, weights_only=True), out)
+    elif case == "copy_fsync":   # the same, then waiting for the disk as an atomic write does
+        torch.save(torch.load(base, mmap=True, weights_only=True), out)
+        with open(out, "rb") as f:
+            os.fsync(f.fileno())
     elif case == "old_merge":
         from rwkv_bone.checkpoint import first_non_finite, load_state_dict
         from rwkv_bone.atomic import torch_save_atomic
@@ -132,6 +162,7 @@ def rss_anon_kb(pid: int) -> int:
 
 
 def measure(case: str, base: str, out: str, bone_b: int) -> dict:
+    os.sync()   # not timed: no case pays for the writeback of what the one before it wrote
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     t0 = time.perf_counter()
     p = subprocess.Popen([sys.executable, __file__, "--worker", case, "--base", base, "--out", out,

@@ -1,10 +1,11 @@
 """Tokenisation throughput: official rwkv TRIE_TOKENIZER vs ours vs whole make_data runs.
 
-    .venv/bin/python bench/bench_tokenize.py [--mb 30] [--workers 2] [--repeats 3]
+    .venv/bin/python bench/bench_tokenize.py [--mb 30] [--workers 2] [--repeats 3] [--corpus mixed|words]
 
 A mixed corpus (English-like prose with Zipf word frequencies, Python-like code, CJK, Cyrillic and
-accented Latin, emoji, whitespace runs) is generated with a fixed seed and written as .jsonl into
-a temporary folder (nothing is stored in the repo). Timed in the same run:
+accented Latin, emoji, whitespace runs), or with --corpus words random letter strings with some CJK
+and emoji (more, shorter tokens per byte: the per-token costs weigh more), is generated with a fixed
+seed and written as .jsonl into a temporary folder (nothing is stored in the repo). Timed in the same run:
 1. the official `rwkv.rwkv_tokenizer.TRIE_TOKENIZER.encode`, one process, encoding only (its
    start-up not timed) - the baseline of every ratio;
 2. `WorldTokenizer.encode` (our Python tokenizer), one process, encoding only, from an empty piece
@@ -12,12 +13,13 @@ a temporary folder (nothing is stored in the repo). Timed in the same run:
 3. pyrwkv-tokenizer's `encode`, one process, encoding only (ids checked equal to 1.), and its
    `encode_batch` on batches of 64 documents (make_data's batch size) with RAYON_NUM_THREADS as
    set (its Rust thread pool; unset = all cores);
-4. the whole `make_data.py` run as a fresh process (interpreter start, imports, vocab load and the
-   pyrwkv start-up check, read JSON lines, tokenise, write .bin/.idx) with --workers 1 and
+4. the whole `make_data.py` run as a fresh process (interpreter start, imports, pyrwkv start-up
+   (check remembered after the first run), read JSON lines, tokenise, write .bin/.idx) with --workers 1 and
    --workers N; the .bin is checked to hold exactly 1.'s ids, 0 after each document;
 5. the same pipeline in-process with the Python tokenizer (tables prebuilt), --workers 1;
-6. make_data.py on a one-document file: its fixed start-up cost (interpreter, imports, vocab load,
-   pyrwkv start-up and check), the part of 4. that does not grow with the corpus.
+6. make_data.py on a one-document file: its fixed start-up cost (interpreter, imports, pyrwkv
+   start-up; our vocab load and the start-up check run once, then their pass is remembered, see
+   data/world_native.py), the part of 4. that does not grow with the corpus.
 Each is repeated (interleaved) and the best wall time kept, since the machine is shared; the CPU
 seconds (this process + its child processes) show the work done, whatever the load. Other
 processes compete for the cores, so compare ratios from the same run, not absolute figures.
@@ -92,11 +94,36 @@ def make_corpus(mb: float, seed: int = 0) -> list[str]:
     return docs
 
 
+def make_words_corpus(mb: float, seed: int = 1) -> list[str]:
+    """Random lowercase "words" (1-10 letters, uniform: many short, rare tokens per byte) with
+    some CJK runs (5% of words) and emoji (2%), 20-400 words per document."""
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    cjk = [chr(rng.randint(0x4E00, 0x9FFF)) for _ in range(2000)]
+    emoji = ["😀", "🎉", "👍", "🚀", "❤️", "🔥", "✨"]
+    docs, size = [], 0
+    while size < mb * 1e6:
+        words = []
+        for _ in range(rng.randint(20, 400)):
+            r = rng.random()
+            if r < 0.05:
+                words.append("".join(rng.choice(cjk) for _ in range(rng.randint(1, 6))))
+            elif r < 0.07:
+                words.append(rng.choice(emoji))
+            else:
+                words.append("".join(rng.choice(letters) for _ in range(rng.randint(1, 10))))
+        docs.append(" ".join(words))
+        size += len(docs[-1].encode("utf-8"))
+    return docs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=float, default=30.0, help="corpus size in MB of UTF-8")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--corpus", choices=("mixed", "words"), default="mixed",
+                    help="mixed: prose/code/CJK/emoji (make_corpus); words: random words with some CJK/emoji")
     args = ap.parse_args()
     import numpy as np
     import pyrwkv_tokenizer
@@ -104,7 +131,7 @@ def main() -> None:
 
     from rwkv_bone.data.binidx import MMapIndexedDataset
 
-    docs = make_corpus(args.mb)
+    docs = (make_corpus if args.corpus == "mixed" else make_words_corpus)(args.mb)
     nbytes = sum(len(d.encode("utf-8")) for d in docs)
     official = TRIE_TOKENIZER(world_vocab_path())
     native = pyrwkv_tokenizer.RWKVTokenizer(vocab_filepath=world_vocab_path())

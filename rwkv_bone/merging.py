@@ -1,10 +1,12 @@
 """Streamed merge: fold adapters into a base checkpoint at the cost of one layer in memory.
 
 The base is memory-mapped (rwkv_bone.checkpoint), so every tensor the adapters leave alone is
-written straight from the page cache. A merged weight is computed exactly as
-peft.adapter_io.merge_state_dict computes it (each adapter's registry `merged(W, s, tensors)` in
+written straight from the page cache. A merged weight has exactly the bits
+peft.adapter_io.merge_state_dict gives it (each adapter's registry `merged(W, s, tensors)` in
 float32, cast back to the base dtype after each adapter, so several adapters give the same bits),
-one layer at a time:
+one layer at a time; a Bone weight is computed a few rows at a time (bone_merged: the same float32
+operations in the same order, without weight-sized float32 temporaries), its NaN/inf check done
+on each chunk while it is in cache.
 
 - .pth output: torch.save needs every tensor at once, so it is run under
   torch.serialization.skip_data with an untouched torch.empty placeholder for each merged weight:
@@ -13,7 +15,8 @@ one layer at a time:
   scratch file next to the output, file-backed pages, then one ordinary torch.save.)
 - .safetensors output: the header is known from the shapes alone, so tensors are merged and
   written one after another.
-In both, a writer thread writes tensor i while the next one is merged.
+In both, a writer thread writes tensor i while the next one is merged, and starts its writeback to
+disk at once (sync_file_range), so the final fsync does not find the whole file still in memory.
 
 Every output tensor is checked for NaN/inf as it passes; the output is written atomically (a
 refused or failed merge leaves no file behind, an existing one is replaced only by a whole file).
@@ -53,11 +56,67 @@ class _Recipe:
     ops: list[tuple[dict, dict[str, Tensor]]] = field(default_factory=list)
     from_base: bool = False
 
-    def materialise(self) -> Tensor:
-        t = self.start
+    def materialise(self) -> tuple[Tensor, bool]:
+        """(the output tensor, whether it is already known to be finite)."""
+        t, finite = self.start, False
         for meta, tensors in self.ops:
-            t = merged_weight(t, meta, tensors)
-        return t
+            if meta["method"] == "bone":
+                t, finite = _bone_merged(t, meta, tensors, check_finite=True)
+            else:
+                t, finite = merged_weight(t, meta, tensors), False
+                _release_freed_memory()
+        return t, finite
+
+
+# About 512 KB of float32 per chunk of rows: the chunk stays in cache through the steps below.
+_CHUNK_ELEMENTS = 1 << 17
+
+
+def bone_merged(weight: Tensor, meta: dict, tensors: dict[str, Tensor]) -> Tensor:
+    """merged_weight(weight, meta, tensors) for a Bone adapter: the same bits, a few rows at a time.
+
+    merged_weight computes, in float32 and then cast to weight's dtype,
+        W' = W + (einsum(W, M) + T)      (peft/bone.py bone_delta, then bone.merged)
+    with M = B (row, col) or A (ab), and T = B_c[i, k] in every block (a, c) (row: B, ab: the
+    second tensor B) or B_a[i, k] (col). Here each chunk of rows is converted to float32 and
+    multiplied by the same b x b blocks (the same K = b dot products: the same float32 values),
+    then T and W are added in place in that order and the chunk is cast straight into the
+    output: no weight-sized float32 temporaries and no permuted copies. W (out, in) = (a i, c j)."""
+    return _bone_merged(weight, meta, tensors)[0]
+
+
+def _bone_merged(weight: Tensor, meta: dict, tensors: dict[str, Tensor],
+                 check_finite: bool = False) -> tuple[Tensor, bool]:
+    """(bone_merged(...), every output element finite); the check (when asked) runs per chunk
+    while the chunk is in cache, instead of a second pass over the whole weight."""
+    mode = meta["bone_mode"]
+    m = (tensors["bone_a"] if mode == "ab" else tensors["bone"]).float()
+    t_add = (tensors["bone_b"] if mode == "ab" else tensors["bone"]).float()
+    n_out, n_in = weight.shape
+    b = m.shape[-1]
+    C = n_in // b
+    out = torch.empty(weight.shape, dtype=weight.dtype)
+    finite = True
+    if mode == "col":
+        for a in range(n_out // b):                          # one output block: b rows
+            wf = weight[a * b:(a + 1) * b].float().reshape(b * C, b)   # rows (i, c), columns j
+            e = torch.mm(wf, m[a]).view(b, C, b)             # W[a,c] B_a for every c
+            e.add_(t_add[a].unsqueeze(1)).add_(wf.view(b, C, b))
+            chunk = out[a * b:(a + 1) * b]
+            chunk.view(b, C, b).copy_(e)
+            finite = finite and (not check_finite or is_finite(chunk))
+        return out, finite and check_finite
+    rows = b * max(1, _CHUNK_ELEMENTS // (n_in * b))
+    for r0 in range(0, n_out, rows):
+        wf = weight[r0:r0 + rows].float()                    # (R, in)
+        R = wf.shape[0]
+        wv = wf.view(R, C, b).transpose(0, 1)                # (C, R, b): W[., c] per input block
+        e = torch.bmm(wv, m)                                 # (C, R, b) = W[a,c] M_c
+        e.view(C, R // b, b, b).add_(t_add.unsqueeze(1)).view(C, R, b).add_(wv)
+        chunk = out[r0:r0 + R]
+        chunk.view(R, C, b).copy_(e.transpose(0, 1))
+        finite = finite and (not check_finite or is_finite(chunk))
+    return out, finite and check_finite
 
 
 def plan_merge(base: dict[str, Tensor], files: Sequence[AdapterFile]) -> dict[str, _Recipe]:
@@ -96,18 +155,34 @@ def _release_freed_memory() -> None:
 _TRIM = None
 
 
-def _checked(key: str, t: Tensor, describe: Callable[[str, Tensor], str]) -> Tensor:
-    if not is_finite(t):
+def _checked(key: str, t: Tensor, known_finite: bool, describe: Callable[[str, Tensor], str]) -> Tensor:
+    if not known_finite and not is_finite(t):
         raise UserError(describe(key, t))
     return t
 
 
+def _start_writeback_fn() -> Callable[[int, int, int], None] | None:
+    """Linux sync_file_range(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE) (None elsewhere): starts
+    writing a range to disk without waiting. The output is fsync'ed at the end (atomic.write_atomic);
+    without this, a checkpoint larger than the kernel's dirty-page threshold would sit in memory
+    until that fsync and then be written while nothing else happens."""
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return lambda fd, offset, nbytes: fn(fd, offset, nbytes, 2)   # 2 = SYNC_FILE_RANGE_WRITE
+
+
 def _pipelined_write(f, jobs: Iterator[tuple[int | None, Tensor]]) -> None:
     """Write each (file offset or None for "here", tensor) that `jobs` yields; a writer thread
-    writes tensor i while this thread produces (merges) tensor i + 1 (file writes and torch ops
-    both release the GIL). At most two produced tensors wait in the queue."""
+    writes tensor i (and starts its writeback to disk) while this thread produces (merges) tensor
+    i + 1 (file writes and torch ops both release the GIL). At most two produced tensors wait."""
     todo: queue.Queue = queue.Queue(maxsize=2)
     failed: list[BaseException] = []
+    writeback = _start_writeback_fn()
 
     def writer() -> None:
         while (job := todo.get()) is not None:
@@ -115,7 +190,12 @@ def _pipelined_write(f, jobs: Iterator[tuple[int | None, Tensor]]) -> None:
                 if not failed:
                     if job[0] is not None:
                         f.seek(job[0])
-                    f.write(job[1].contiguous().reshape(-1).view(torch.uint8).numpy().data)
+                    start = f.tell()
+                    data = job[1].contiguous().reshape(-1).view(torch.uint8).numpy().data
+                    f.write(data)
+                    if writeback is not None and data.nbytes >= 1 << 20:
+                        f.flush()
+                        writeback(f.fileno(), start, data.nbytes)
             except BaseException as e:  # noqa: BLE001 - re-raised in the producing thread
                 failed.append(e)
             del job
@@ -167,10 +247,9 @@ def _write_pth(recipes: dict[str, _Recipe], output: str, describe: Callable[[str
             if size != storage.nbytes():
                 raise RuntimeError(f"torch.save record {index} holds {size} bytes, not {key}'s {storage.nbytes()}")
             if r.ops:
-                yield offset, _checked(key, r.materialise(), describe)
-                _release_freed_memory()
+                yield offset, _checked(key, *r.materialise(), describe)
             else:
-                _checked(key, out[key], describe)
+                _checked(key, out[key], False, describe)
                 if first:
                     yield offset, torch.empty(0, dtype=torch.uint8).set_(storage)
 
@@ -204,14 +283,13 @@ def _write_pth_scratch(recipes: dict[str, _Recipe], output: str, describe: Calla
         offset = 0
         for key, r in recipes.items():
             if key not in sizes:
-                out[key] = _checked(key, r.materialise(), describe)
+                out[key] = _checked(key, *r.materialise(), describe)
                 continue
             # This weight's own MAP_SHARED slice of the scratch file: file-backed pages.
             raw = np.memmap(scratch, dtype=np.uint8, mode="r+", offset=offset, shape=(sizes[key],))
             buf = torch.from_numpy(raw).view(r.start.dtype).view(r.start.shape)
-            buf.copy_(_checked(key, r.materialise(), describe))
+            buf.copy_(_checked(key, *r.materialise(), describe))
             out[key] = buf
-            _release_freed_memory()
             offset += sizes[key]
         torch_save_atomic(out, output)
     finally:
@@ -238,9 +316,7 @@ def _write_safetensors(recipes: dict[str, _Recipe], output: str, describe: Calla
 
     def jobs() -> Iterator[tuple[int | None, Tensor]]:
         for key, r in recipes.items():
-            yield None, _checked(key, r.materialise(), describe)
-            if r.ops:
-                _release_freed_memory()
+            yield None, _checked(key, *r.materialise(), describe)
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
@@ -282,4 +358,4 @@ def merge_checkpoint(base_path: str | os.PathLike, adapters: Sequence[AdapterFil
     return files
 
 
-__all__ = ["merge_checkpoint", "plan_merge"]
+__all__ = ["bone_merged", "merge_checkpoint", "plan_merge"]

@@ -293,3 +293,79 @@ def test_worker_encoder_pickles_for_spawned_workers(tmp_path, tok):
     a, b = enc.encode_batch(batch), clone.encode_batch(batch)
     assert a.tokens.tolist() == b.tokens.tolist() and a.masks.tolist() == b.masks.tolist()
     assert a.sizes.tolist() == [len(a.tokens) - 2, 2]
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["pyrwkv-batch", "python"])
+def test_batched_encoding_gives_the_ids_masks_and_errors_of_record_by_record(native):
+    """One tokenizer call per batch (pyrwkv's encode_batch) against each record alone; bad records
+    (JSON, UTF-8, a lone surrogate that only the tokenizer sees) keep their place in the errors."""
+    from rwkv_bone.data.prepare import _Encoder
+    from rwkv_bone.data.records import RecordError, RecordFormat
+    from rwkv_bone.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(None, native=native)
+    assert hasattr(tok, "encode_many") == native
+    lines = [b'{"query": "What is 2+2?", "response": "4"}', b'{"text": "caf\\u00e9 \\u4e2d\\u6587 \xf0\x9f\x98\x80"}',
+             b'{"text": "bad \\ud800 surrogate"}', b'not json', b'{"text": ""}', b'{"text": "\xff bytes"}',
+             b'{"instruction": "Sum", "input": "1 2", "output": "3"}', b'{"text": "  spaces\\n\\nand lines  "}']
+    enc = _Encoder(tok, PrepareOptions("in.jsonl", "out"), "jsonl", np.dtype(np.uint16))
+    got = enc.encode_batch(([(i + 1, raw) for i, raw in enumerate(lines)], 0))
+    want_tokens, want_masks, want_errors = [], [], []
+    for i, raw in enumerate(lines):
+        try:
+            prompt, body = RecordFormat().render_line(raw.decode("utf-8"))
+            ids = ([] if prompt is None else tok.encode(prompt)) + tok.encode(body) + [0]
+        except (RecordError, UnicodeError):
+            want_errors.append(i + 1)
+            continue
+        want_tokens += ids
+        want_masks += [0] * (len(tok.encode(prompt)) if prompt is not None else 0)
+        want_masks += [1] * (len(ids) - (len(tok.encode(prompt)) if prompt is not None else 0))
+    assert got.tokens.tolist() == want_tokens and got.masks.tolist() == want_masks
+    assert [line for line, _ in got.errors] == want_errors == [3, 4, 6]
+    assert "surrogate" in got.errors[0][1] and "JSON" in got.errors[1][1] and "UTF-8" in got.errors[2][1]
+    good = [(i + 1, raw) for i, raw in enumerate(lines) if i + 1 not in want_errors]
+    alone = enc.encode_batch((good, 0))      # no bad text: the single batch call itself
+    assert alone.tokens.tolist() == want_tokens and alone.masks.tolist() == want_masks and not alone.errors
+
+
+def test_forked_workers_after_an_in_process_batch_run_do_not_hang(tmp_path):
+    """pyrwkv's batch call starts a thread pool that a forked child cannot use: a run with workers
+    after an in-process run (which used it) must still finish, with the same files."""
+    src = write_jsonl(tmp_path / "f.jsonl", [{"text": f"doc {i} \u4e2d" * (i % 5 + 1)} for i in range(40)])
+    one = prepare(PrepareOptions(src, str(tmp_path / "one"), workers=1, progress=False, batch_docs=4))
+    two = prepare(PrepareOptions(src, str(tmp_path / "two"), workers=2, progress=False, batch_docs=4))
+    for ext in (".bin", ".idx"):
+        assert open(one.prefix + ext, "rb").read() == open(two.prefix + ext, "rb").read()
+
+
+def test_a_passed_native_check_is_remembered_only_for_the_same_vocab_and_build(tmp_path, monkeypatch):
+    """The second start-up skips our vocab and the checks (same ids); a vocab file with other
+    bytes runs them again; a broken cache file is ignored."""
+    pytest.importorskip("pyrwkv_tokenizer")
+    import shutil
+
+    from rwkv_bone.data import world_native
+    from rwkv_bone.data.world_vocab import world_vocab_path
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    checks = []
+    real_check = world_native.NativeWorldTokenizer._check
+    monkeypatch.setattr(world_native.NativeWorldTokenizer, "_check", lambda self: checks.append(1) or real_check(self))
+    first, why = world_native.NativeWorldTokenizer.create()
+    second, _ = world_native.NativeWorldTokenizer.create()
+    assert not why and len(checks) == 1 and os.path.isfile(world_native.verdict_cache_file())
+    assert second._table is None and second.vocab_size == first.vocab_size == 65530   # vocab not read
+    text = "Hello, 世界 😀  x\n\n"
+    assert second.encode(text) == first.encode(text) and second.decode(second.encode(text)) == text
+    copy = tmp_path / "vocab.txt"                 # the same bytes elsewhere: the same verdict
+    shutil.copy(world_vocab_path(), copy)
+    assert world_native.NativeWorldTokenizer.create(str(copy))[0] is not None and len(checks) == 1
+    with open(copy, "a", encoding="utf-8") as f:  # other bytes: not served from the cache
+        f.write("\n")
+    tok, why = world_native.NativeWorldTokenizer.create(str(copy))
+    assert len(checks) == 2 or (tok is None and why)
+    with open(world_native.verdict_cache_file(), "w") as f:
+        f.write("{not json")
+    n = len(checks)
+    assert world_native.NativeWorldTokenizer.create()[0] is not None and len(checks) == n + 1

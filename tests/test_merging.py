@@ -175,3 +175,20 @@ def test_a_non_finite_merge_writes_nothing(tmp_path, tiny_checkpoint):
         with pytest.raises(UserError, match="gives NaN or infinite values in blocks.1.att.key.weight"):
             merge_checkpoint(base, [af], tmp_path / out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pth", "base.pth"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mode", ["row", "col", "ab"])
+def test_chunked_bone_merge_gives_the_bits_of_merged_weight(monkeypatch, mode, dtype):
+    import rwkv_bone.merging as merging
+    from rwkv_bone.peft.adapter_io import merged_weight
+
+    monkeypatch.setattr(merging, "_CHUNK_ELEMENTS", 3 * 32 * 160)   # 96-row chunks: the last one short
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(160 * 2, 32 * 5, generator=g) * 0.02).to(dtype)   # (320, 160), b = 32
+    meta = dict(method="bone", bone_b=32, bone_mode=mode)
+    n = (320 if mode == "col" else 160) // 32
+    names = ["bone_a", "bone_b"] if mode == "ab" else ["bone"]
+    tensors = {k: torch.randn(n, 32, 32, generator=g) * 0.05 for k in names}
+    got, want = merging.bone_merged(w, meta, tensors), merged_weight(w, meta, tensors)
+    assert got.dtype == want.dtype and torch.equal(got.view(-1).view(torch.uint8), want.view(-1).view(torch.uint8))

@@ -39,14 +39,15 @@ seeded random order (--seed); --shuffle shuffles a single epoch too.
 from __future__ import annotations
 
 import gc
+import itertools
 import multiprocessing as mp
 import os
 import signal
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from dataclasses import dataclass, field, fields
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -63,22 +64,15 @@ TXT_MODES = ("blocks", "lines", "whole")
 _BOM = b"\xef\xbb\xbf"
 
 
-@dataclass
-class PrepareOptions:
+@dataclass(frozen=True)
+class PrepareOptions(RecordFormat):
+    """make_data's options. The record options (format, *_field, *_template) are RecordFormat's
+    fields, keyword-only; the ones below may also be given by position (input, output, ...)."""
     input: str
     output: str
     tokenizer: str | None = None           # None: RWKV World; a tokenizer.json; a World vocab .txt
     native_tokenizer: bool = True          # World vocab: pyrwkv-tokenizer after its start-up check
     input_format: str | None = None        # "jsonl" | "txt"; None: from the file extension
-    format: str = "auto"                   # jsonl records: auto | text | qa | alpaca
-    text_field: str = "text"
-    prompt_field: str = "query"
-    response_field: str = "response"
-    instruction_field: str = "instruction"
-    input_field: str = "input"
-    output_field: str = "output"
-    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
-    response_template: str = DEFAULT_RESPONSE_TEMPLATE
     txt_mode: str = "blocks"
     epochs: int = 1
     shuffle: bool = False
@@ -124,9 +118,8 @@ class _Encoded:
 
 
 def record_format(o: PrepareOptions) -> RecordFormat:
-    """The record format (fields, templates) that make_data's options describe."""
-    return RecordFormat(o.format, o.text_field, o.prompt_field, o.response_field, o.instruction_field,
-                        o.input_field, o.output_field, o.prompt_template, o.response_template)
+    """The record format (fields, templates) alone, as a plain RecordFormat."""
+    return RecordFormat(**{f.name: getattr(o, f.name) for f in fields(RecordFormat)})
 
 
 class _Encoder:
@@ -143,48 +136,81 @@ class _Encoder:
             return None, text
         return self.fmt.render_line(text)
 
-    def _encode(self, text: str) -> list[int]:
-        return encode_text(self.tok, text, self.o.tokenizer)
+    def _encode_all(self, texts: list[str]) -> list[list[int] | RecordError]:
+        """Token ids of every text, one tokenizer call for all when the tokenizer has a batch call
+        (encode_many); a text it cannot encode gives its RecordError in its place (encode_text)."""
+        many = getattr(self.tok, "encode_many", None)
+        if many is not None:
+            try:
+                return many(texts)
+            except Exception:  # noqa: BLE001 - some text is bad: find which, one by one below
+                pass
+        out: list[list[int] | RecordError] = []
+        for text in texts:
+            try:
+                out.append(encode_text(self.tok, text, self.o.tokenizer))
+            except RecordError as e:
+                out.append(e)
+        return out
+
+    def _decode(self, lineno: int, raw: bytes) -> str:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = lineno + raw.count(b"\n", 0, e.start)
+            col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+            raise RecordError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {col}); "
+                              "re-encode the file as UTF-8", line) from None
 
     def encode_batch(self, batch: tuple[list[tuple[int, bytes]], int]) -> _Encoded:
+        """Parse every record of the batch, encode all their texts in one tokenizer call, then
+        assemble the documents in record order (the same ids and errors as record by record)."""
         records, nbytes = batch
-        ids: list[int] = []
-        sizes: list[int] = []
-        prompts: list[tuple[int, int]] = []  # (offset in batch, prompt length) of instruction docs
-        errors: list[tuple[int, str]] = []
-        for lineno, raw in records:
+        errors: list[tuple[int, int, str]] = []   # (record index, line, message) of skipped records
+        texts: list[str] = []
+        parsed: list[tuple[int, int, bool]] = []  # (record index, line, has a prompt)
+        for i, (lineno, raw) in enumerate(records):
             try:
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    line = lineno + raw.count(b"\n", 0, e.start)
-                    col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
-                    raise RecordError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {col}); "
-                                      "re-encode the file as UTF-8", line) from None
-                prompt, body = self._parse(text)
-                p_ids = self._encode(prompt) if prompt is not None else []
-                b_ids = self._encode(body)
-                size = len(p_ids) + len(b_ids) + 1
-                if size > MAX_ITEM:
-                    raise RecordError(f"document of {size} tokens exceeds the binidx limit of {MAX_ITEM}")
+                prompt, body = self._parse(self._decode(lineno, raw))
             except RecordError as e:
-                errors.append((e.line or lineno, e.message))
+                errors.append((i, e.line or lineno, e.message))
                 continue
             if prompt is not None:
-                prompts.append((len(ids), len(p_ids)))
-            ids += p_ids
-            ids += b_ids
-            ids.append(EOD_ID)
+                texts.append(prompt)
+            texts.append(body)
+            parsed.append((i, lineno, prompt is not None))
+        encoded = iter(self._encode_all(texts))
+        parts: list[Sequence[int]] = []           # prompt ids, body ids, (EOD_ID,) of each document
+        sizes: list[int] = []
+        prompts: list[tuple[int, int]] = []       # (offset in batch, prompt length) of instruction docs
+        total = 0
+        for i, lineno, has_prompt in parsed:
+            p_ids = next(encoded) if has_prompt else []
+            b_ids = next(encoded)
+            bad = p_ids if isinstance(p_ids, RecordError) else b_ids if isinstance(b_ids, RecordError) else None
+            size = 0 if bad else len(p_ids) + len(b_ids) + 1
+            if size > MAX_ITEM:
+                bad = RecordError(f"document of {size} tokens exceeds the binidx limit of {MAX_ITEM}")
+            if bad is not None:
+                errors.append((i, bad.line or lineno, bad.message))
+                continue
+            if has_prompt:
+                prompts.append((total, len(p_ids)))
+            parts += (p_ids, b_ids, _EOD)
             sizes.append(size)
-        tokens = np.array(ids, dtype=self.dtype)
+            total += size
+        # One pass from the id lists into the array (no flat Python list in between).
+        tokens = np.fromiter(itertools.chain.from_iterable(parts), dtype=self.dtype, count=total)
         masks = None
         if prompts:
             masks = np.ones(tokens.size, dtype=np.uint8)
             for start, n in prompts:
                 masks[start:start + n] = 0
-        return _Encoded(tokens, np.array(sizes, dtype=np.int64), masks, errors, nbytes)
+        errors.sort(key=lambda e: e[0])            # record order, as the records came
+        return _Encoded(tokens, np.array(sizes, dtype=np.int64), masks, [e[1:] for e in errors], nbytes)
 
 
+_EOD = (EOD_ID,)
 _WORKER: _Encoder | None = None
 
 

@@ -83,10 +83,11 @@ def parse_json_record(text: str | bytes) -> dict:
     return rec
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RecordFormat:
     """How make_data reads one JSON record: its format (auto | text | qa | alpaca), field names
-    and templates. `render` gives (rendered prompt or None for plain text, rendered body)."""
+    and templates. `render` gives (rendered prompt or None for plain text, rendered body).
+    make_data's PrepareOptions extends it (these fields are its record options)."""
 
     format: str = "auto"
     text_field: str = "text"

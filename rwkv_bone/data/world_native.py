@@ -21,10 +21,16 @@ line number, and an unpaired surrogate raises UnicodeEncodeError here as in the 
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import random
 from typing import Sequence
 
-from .world_vocab import WorldVocab, world_vocab
+from .world_vocab import WorldVocab, world_vocab, world_vocab_path
+
+# The process that started pyrwkv-tokenizer's thread pool (see NativeWorldTokenizer.encode_many).
+_BATCH_PID: int | None = None
 
 
 def probe_text() -> str:
@@ -63,28 +69,49 @@ def probe_text() -> str:
 class NativeWorldTokenizer:
     """World vocab: encode with pyrwkv-tokenizer, decode with our table. Build with `create`."""
 
-    def __init__(self, vocab: WorldVocab, native) -> None:
-        self.vocab_path = vocab.path
-        self.vocab_size = len(vocab.id_to_bytes)
-        self._vocab = vocab
-        self._native = native  # pyrwkv_tokenizer.RWKVTokenizer on the same vocab file
+    def __init__(self, vocab: WorldVocab | None, native, vocab_path: str | None = None,
+                 vocab_size: int | None = None) -> None:
+        self.vocab_path = vocab.path if vocab is not None else vocab_path
+        self.vocab_size = len(vocab.id_to_bytes) if vocab is not None else vocab_size
+        self._table = vocab       # our WorldVocab, read when first needed (decode, the checks)
+        self._native = native     # pyrwkv_tokenizer.RWKVTokenizer on the same vocab file
+
+    @property
+    def _vocab(self) -> WorldVocab:
+        if self._table is None:
+            self._table = world_vocab(self.vocab_path)
+        return self._table
 
     @classmethod
     def create(cls, vocab_path: str | None = None) -> tuple[NativeWorldTokenizer | None, str]:
-        """(tokenizer, "") when pyrwkv-tokenizer gives our ids on the checks, else (None, reason)."""
+        """(tokenizer, "") when pyrwkv-tokenizer gives our ids on the checks, else (None, reason).
+
+        A pass is remembered (verdict_cache_file) under a key made of everything the checks
+        depend on: the vocab file's bytes, the checking code (this file and world_vocab.py) and
+        the pyrwkv-tokenizer build (version, class, compiled module's path, size and time), so a
+        later run with all of them unchanged skips reading our vocab and the checks (~0.25 s of
+        make_data's start-up); anything changed gives another key, and the checks run."""
         try:
             import pyrwkv_tokenizer
         except ImportError:
             return None, "pyrwkv-tokenizer is not installed"
-        vocab = world_vocab(vocab_path)
+        path = os.path.abspath(vocab_path or world_vocab_path())
+        key = _verdict_key(path, pyrwkv_tokenizer)
         try:
-            tok = cls(vocab, pyrwkv_tokenizer.RWKVTokenizer(vocab_filepath=vocab.path))
+            native = pyrwkv_tokenizer.RWKVTokenizer(vocab_filepath=path)
+            size = _passed_before(key)
+            if size is not None:
+                return cls(None, native, path, size), ""
+            tok = cls(world_vocab(path), native)
             why = tok._check()
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as e:  # pyo3 panics derive from BaseException
             return None, f"pyrwkv-tokenizer failed on the start-up check ({type(e).__name__}: {e})"
-        return (None, why) if why else (tok, "")
+        if why:
+            return None, why
+        _remember_pass(key, tok.vocab_size)
+        return tok, ""
 
     def _check(self) -> str:
         """'' when the native ids equal the reference on the table and the probe, else why not."""
@@ -104,17 +131,33 @@ class NativeWorldTokenizer:
         return ""
 
     def __getstate__(self) -> dict:  # spawned workers rebuild it (the parent ran the checks)
-        return {"vocab_path": self.vocab_path}
+        return {"vocab_path": self.vocab_path, "vocab_size": self.vocab_size}
 
     def __setstate__(self, state: dict) -> None:
         import pyrwkv_tokenizer
 
-        vocab = world_vocab(state["vocab_path"])
-        self.__init__(vocab, pyrwkv_tokenizer.RWKVTokenizer(vocab_filepath=vocab.path))
+        path = state["vocab_path"]
+        self.__init__(None, pyrwkv_tokenizer.RWKVTokenizer(vocab_filepath=path), path, state["vocab_size"])
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` (greedy longest match over its UTF-8 bytes). No end-of-document id."""
         return self._native.encode(text)
+
+    def encode_many(self, texts: list[str]) -> list[list[int]]:
+        """[encode(t) for t in texts] in one call: pyrwkv-tokenizer's encode_batch, which spreads
+        the texts over its Rust thread pool (RAYON_NUM_THREADS; all cores by default).
+
+        That pool is started by the first encode_batch of a process and does not survive fork: a
+        child forked after its parent used encode_batch would wait on the parent's threads
+        forever. So a process uses the batch call only when it was the first to start the pool
+        (or no ancestor it was forked from did); a child of a process that did encodes text by
+        text, with the same ids."""
+        global _BATCH_PID
+        pid = os.getpid()
+        if _BATCH_PID is not None and _BATCH_PID != pid:
+            return [self._native.encode(t) for t in texts]
+        _BATCH_PID = pid
+        return self._native.encode_batch(texts)
 
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
         try:
@@ -124,3 +167,63 @@ class NativeWorldTokenizer:
 
     def decode(self, ids: Sequence[int], errors: str = "replace") -> str:
         return self.decode_bytes(ids).decode("utf-8", errors=errors)
+
+
+def verdict_cache_file() -> str:
+    """Where passed start-up checks are remembered: $XDG_CACHE_HOME (or ~/.cache)/rwkv_bone/."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "rwkv_bone", "pyrwkv-check.json")
+
+
+def _verdict_key(vocab_path: str, package) -> str | None:
+    """What a verdict depends on (see NativeWorldTokenizer.create); None when it cannot be told."""
+    from . import world_vocab as vocab_module
+
+    try:
+        h = hashlib.sha256()
+        for name in (vocab_path, __file__, vocab_module.__file__):
+            with open(name, "rb") as f:
+                h.update(f.read())
+        compiled = getattr(getattr(package, "pyrwkv_tokenizer", None), "__file__", None)
+        st = os.stat(compiled) if compiled else None
+    except (OSError, TypeError):
+        return None
+    if st is None:
+        return None
+    cls = package.RWKVTokenizer
+    return "|".join([h.hexdigest(), str(getattr(package, "__version__", "")), cls.__module__, cls.__qualname__,
+                     compiled, str(st.st_size), str(st.st_mtime_ns)])
+
+
+def _read_verdicts() -> dict:
+    try:
+        with open(verdict_cache_file(), encoding="utf-8") as f:
+            verdicts = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return verdicts if isinstance(verdicts, dict) else {}
+
+
+def _passed_before(key: str | None) -> int | None:
+    """The vocab size remembered with a pass under `key`, or None."""
+    size = _read_verdicts().get(key) if key is not None else None
+    return size if isinstance(size, int) and size > 0 else None
+
+
+def _remember_pass(key: str | None, vocab_size: int) -> None:
+    """Add a pass to the cache file (written whole, then renamed; best effort: a read-only home
+    only means the checks run every time)."""
+    if key is None:
+        return
+    path = verdict_cache_file()
+    verdicts = {k: v for k, v in _read_verdicts().items() if k != key}
+    verdicts = dict(list(verdicts.items())[-31:])   # a few builds and vocabs, not a growing file
+    verdicts[key] = vocab_size
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(verdicts, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass
