@@ -41,7 +41,7 @@ SETTINGS = {
     "full": dict(rp.SETTINGS["full"], test=500, sft_lr=4e-3, seeds=(0, 1),
                  grpo=dict(steps=60, prompts=16, generations=8, max_new_tokens=64, lr=3e-4, beta=0.0,
                            temperature=1.0),
-                 dpo=dict(questions=600, samples=4, steps=60, micro_bsz=8, lr=1e-3, beta=0.1)),
+                 dpo=dict(questions=600, samples=4, steps=60, micro_bsz=8, lr=1e-4, beta=0.1)),
     "quick": dict(rp.SETTINGS["quick"], test=200, sft_lr=3e-3, seeds=(0,),
                   grpo=dict(steps=8, prompts=4, generations=8, max_new_tokens=64, lr=2e-3, beta=0.0,
                             temperature=1.0),
@@ -170,25 +170,30 @@ def dpo(work: str, s: dict, data: dict, sft_ckpt: str, seed: int) -> tuple[str, 
         prepare_pairs(os.path.join(proj, "prefs.jsonl"), os.path.join(proj, "prefs"), tokenizer=data["vocab"])
         info["sample_s"] = time.time() - t0
         _save(info, os.path.join(proj, "pairs.json"))
-    if not os.path.isfile(os.path.join(proj, "rwkv-0.pth")):
+    run = os.path.join(proj, f"train-lr{d['lr']:g}-beta{d['beta']:g}-s{d['steps']}")
+    if not os.path.isfile(os.path.join(run, "rwkv-0.pth")):
         t0 = time.time()
         rp.train(["--model", sft_ckpt, *BONE, "--objective", "dpo", "--data_type", "pairs",
                   "--data_file", os.path.join(proj, "prefs"), "--dpo_beta", str(d["beta"]),
-                  "--micro_bsz", str(d["micro_bsz"]), "--ctx_len", str(2 * data["sft_ctx"]),
+                  "--micro_bsz", str(d["micro_bsz"]), "--ctx_len", "128",
                   "--epoch_steps", str(d["steps"]), "--lr_init", str(d["lr"]), "--lr_final", str(d["lr"] / 10),
                   "--lr_schedule", "cosine", "--warmup_steps", str(max(1, d["steps"] // 10)),
-                  "--random_seed", str(seed), "--proj_dir", os.path.join(proj, "train"), *rp.CPU])
-        info["train_s"] = time.time() - t0
-        _save(info, os.path.join(proj, "pairs.json"))
+                  "--random_seed", str(seed), "--proj_dir", run, *rp.CPU])
+        _save({"train_s": time.time() - t0}, os.path.join(run, "timing.json"))
+    info["train_s"] = _load(os.path.join(run, "timing.json")).get("train_s", 0)
     log(f"DPO seed {seed}: {info['pairs']} pairs from {info['questions']} questions "
         f"({100 * info['sampled_correct'] / max(1, info['samples']):.0f}% of samples correct)")
-    ev = os.path.join(proj, "eval-test")
-    evaluate_test(s, data, sft_ckpt, [os.path.join(proj, "train", "rwkv-0.pth")], ev)
+    ev = os.path.join(run, "eval-test")
+    evaluate_test(s, data, sft_ckpt, [os.path.join(run, "rwkv-0.pth")], ev)
     return ev, info
 
 
 def _acc(v: list[bool]) -> float:
     return sum(v) / len(v)
+
+
+def _stage_minutes(extra: dict) -> float:
+    return sum(v for vals in extra.get("stages", {}).values() for v in vals if isinstance(v, (int, float))) / 60
 
 
 def write_report(path: str, s: dict, mode: str, runs: dict, extra: dict, elapsed: float, cmd: str) -> None:
@@ -204,8 +209,9 @@ def write_report(path: str, s: dict, mode: str, runs: dict, extra: dict, elapsed
     g, d = s["grpo"], s["dpo"]
     lines = [
         "# Preference tuning and RL after SFT at CPU scale", "",
-        f"Command: `{cmd}` ({mode} setting, {elapsed / 60:.1f} min wall time on this machine, "
-        f"{torch.get_num_threads()} torch thread(s); stage times below).", "",
+        f"Command: `{cmd}` ({mode} setting, {torch.get_num_threads()} torch thread(s); the training stages "
+        f"took {_stage_minutes(extra):.1f} min in all, times per stage below; base pre-training and the "
+        "evaluations come on top, and every stage is cached in --work).", "",
         f"Base: bench/reproduce_paper.py's {mode} base (RWKV-6 L{s['n_layer']} C{s['n_embd']}, "
         f"{s['pretrain_steps']} pre-training steps). SFT: Bone-row b=64, {s['steps']} steps x {s['micro_bsz']} "
         f"documents of the {s['train']} train problems, lr {s['sft_lr']:g} cosine, merged into sft.pth. "
