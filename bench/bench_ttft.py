@@ -28,13 +28,13 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 
-def worker(case: str, path: str, dtype_name: str, prompt_len: int) -> None:
+def worker(case: str, path: str, dtype_name: str, prompt_len: int, vocab: int) -> None:
     import torch
 
     from rwkv_bone.loading import DTYPES
 
     dtype = DTYPES[dtype_name]
-    prompt = [1 + (i * 7919) % 60000 for i in range(prompt_len)]
+    prompt = [1 + (i * 7919) % (vocab - 1) for i in range(prompt_len)]
     t0 = time.perf_counter()
     if case == "floor":
         from rwkv_bone.config import RWKV6Config
@@ -60,9 +60,9 @@ def worker(case: str, path: str, dtype_name: str, prompt_len: int) -> None:
     print(json.dumps({"inner_s": round(t2 - t0, 3), "load_s": round(t1 - t0, 3), "forward_s": round(t2 - t1, 3)}))
 
 
-def measure(case: str, path: str, dtype: str, prompt_len: int) -> dict:
+def measure(case: str, path: str, dtype: str, prompt_len: int, vocab: int) -> dict:
     out = subprocess.run([sys.executable, __file__, "--worker", case, "--path", path, "--dtype", dtype,
-                          "--prompt", str(prompt_len)], capture_output=True, text=True,
+                          "--prompt", str(prompt_len), "--vocab", str(vocab)], capture_output=True, text=True,
                          env=dict(os.environ, PYTHONPATH=ROOT))
     if out.returncode != 0:
         raise SystemExit(f"case {case} failed:\n{out.stdout}{out.stderr}")
@@ -82,7 +82,7 @@ def main() -> None:
     ap.add_argument("--path", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        worker(args.worker, args.path, args.dtype, args.prompt)
+        worker(args.worker, args.path, args.dtype, args.prompt, args.vocab)
         return
     from bench_merge import make_checkpoint
 
@@ -100,7 +100,7 @@ def main() -> None:
             best: dict[str, dict] = {}
             for _ in range(args.repeats):
                 for case in ("floor", "ours"):
-                    r = measure(case, path, dtype, args.prompt)
+                    r = measure(case, path, dtype, args.prompt, args.vocab)
                     print(json.dumps({"dtype": dtype, "case": case, **r}), flush=True)
                     if case not in best or r["inner_s"] < best[case]["inner_s"]:
                         best[case] = r
