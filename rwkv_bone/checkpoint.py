@@ -212,6 +212,36 @@ def first_non_finite(tensors: Mapping[str, object]) -> str | None:
     return None
 
 
+def converted_checked(sd: Mapping[str, Tensor], dtype: torch.dtype, device: str | torch.device,
+                      source: str, keep: tuple[str, ...] = (".att.time_state",)) -> dict[str, Tensor]:
+    """`sd` with every floating-point tensor cast to dtype on device (keys ending in `keep` only moved,
+    in their own dtype) and checked for NaN/inf in the same pass: each chunk is checked just after
+    it is written, while it is still in cache, so a load that converts reads the file once (not
+    once for the check and again for the cast). A tensor already in place is checked where it
+    lies. A UserError names the first tensor holding NaN or infinite values."""
+    dev = torch.device(device)
+    out = {}
+    for key, t in sd.items():
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            out[key] = t
+            continue
+        want = t.dtype if key.endswith(keep) else dtype
+        if t.dtype == want and t.device == dev:
+            if not is_finite(t):
+                raise UserError(non_finite_message(source, key))
+            out[key] = t
+            continue
+        dst = torch.empty(t.shape, dtype=want, device=dev)
+        src, flat = t.reshape(-1), dst.view(-1)
+        for i in range(0, flat.numel(), FINITE_CHUNK):
+            piece = flat[i:i + FINITE_CHUNK]
+            piece.copy_(src[i:i + FINITE_CHUNK])
+            if not is_finite(piece):
+                raise UserError(non_finite_message(source, key))
+        out[key] = dst
+    return out
+
+
 def non_finite_message(source: str, key: str) -> str:
     return (f"{source} tensor {key} holds NaN or infinite values (a diverged run or a corrupt file); "
             "use an earlier checkpoint")

@@ -78,10 +78,13 @@ def load_model(path: str, adapter: Optional[str | Sequence[str]] = None, *,
     and the requested dtype (as merge.py does)."""
     dev = resolve_device(device)
     adapters = adapter_list(adapter)
-    if not adapters:
-        return RWKV6.from_checkpoint(path, dtype=dtype, device=dev).eval()
+    from .checkpoint import converted_checked, load_state_dict
 
-    from .checkpoint import load_state_dict
+    if not adapters:
+        # One pass over the weights: cast and NaN/inf check together (load_state_dict would check
+        # the mapped file first, and the cast read it all again).
+        sd = converted_checked(load_state_dict(path, check_finite=False), dtype, dev, os.fspath(path))
+        return RWKV6.from_state_dict(sd, dtype=dtype, device=dev).eval()
 
     files = read_adapters(adapters, lora_alpha, pissa_init)
     base = load_state_dict(path)
