@@ -15,14 +15,19 @@ that every matmul and PiSSA's SVD see non-trivial values), so no checkpoint is n
     # print the table of an earlier run
     python bench/bench_train_step.py --report out.json
     # chunked against plain cross-entropy, V = 65536 and 4096 tokens per micro-batch (memory)
-    python bench/bench_train_step.py --device cpu --dtype fp32 --presets 1.6b --n_layer 2 \
+    python bench/bench_train_step.py --device cpu --dtype fp32 --presets 1.6b --n_layer 2 \\
         --n_embd 256 --micro_bsz 8 --ctx_len 512 --methods bone --ce fused,chunked,plain --grad_cp 0
+    # the same with a trained head (--methods full: every parameter trains, as --peft none)
+    python bench/bench_train_step.py --device cpu --dtype fp32 --presets 1.6b --n_layer 2 \\
+        --n_embd 256 --micro_bsz 8 --ctx_len 512 --methods full --ce fused,chunked,plain --grad_cp 0
 
---ce fused (train.py's default --chunked_ce 1 when the head is frozen: the logits' gradient formed
-in forward per token chunk, the head applied once), chunked (head + cross-entropy in token chunks,
-recomputed in backward; train.py's path when the head trains) or plain (the whole (B, T, V) fp32
-logits and their gradient); a comma list runs each, and the table then ends with each method's peak
-memory fused / plain and chunked / plain.
+--ce fused (train.py's default --chunked_ce 1: the logits' gradient, and the head weight's when the
+head trains, formed in forward per token chunk, the head applied once), chunked (head +
+cross-entropy in token chunks, recomputed in backward; train.py's path for a ZeRO-3 partitioned
+head) or plain (the whole (B, T, V) fp32 logits and their gradient); a comma list runs each, and
+the table then ends with each method's peak memory fused / plain and chunked / plain.
+--methods full builds no adapters and trains every parameter, the head included (from-scratch
+pre-training, train.py --peft none).
 Every (preset, grad_cp, method) runs --repeats times in rounds whose method order alternates
 (bone, lora / lora, bone, ...), each run in a freshly built model, so the spread between rounds
 shows the noise. kt/s = micro_bsz * ctx_len * steps / (time of the timed steps) / 1000.
@@ -50,7 +55,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from rwkv_bone.config import RWKV6Config, default_dim_ffn  # noqa: E402
 from rwkv_bone.model import RWKV6  # noqa: E402
 from rwkv_bone.peft import apply_peft, count_trainable  # noqa: E402
-from rwkv_bone.train.loss import chunked_token_loss, frozen_head_token_loss  # noqa: E402
+from rwkv_bone.train.loss import chunked_token_loss, fused_token_loss  # noqa: E402
 from rwkv_bone.train.module import optimizer_groups, token_loss  # noqa: E402
 from rwkv_bone.train.run import cast_for_training  # noqa: E402
 
@@ -59,7 +64,7 @@ PAPER_TABLE6 = {
     "1.6b": {"lora": (7314, 5.86), "bone": (12276, 4.11), "bone(checkpoint)": (7398, 3.46)},
     "3b": {"lora": (12074, 3.62), "bone": (22978, 2.16), "bone(checkpoint)": (12168, 1.72)},
 }
-METHOD_LABELS = ("bone", "bone-row", "bone-col", "bone-ab", "lora", "pissa", "olora")
+METHOD_LABELS = ("bone", "bone-row", "bone-col", "bone-ab", "lora", "pissa", "olora", "full")
 
 
 # ---- what to build --------------------------------------------------------------------------
@@ -76,7 +81,10 @@ def bench_config(preset: str, n_layer: int | None, n_embd: int | None, vocab: in
 
 
 def peft_options(label: str, args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
-    """("bone", {...}) etc. for a --methods entry; "bone" uses --bone_mode, "bone-col" forces col."""
+    """("bone", {...}) etc. for a --methods entry; "bone" uses --bone_mode, "bone-col" forces col;
+    "full" is ("none", {}): no adapters, every parameter (the head too) trains, as --peft none."""
+    if label == "full":
+        return "none", {}
     if label.startswith("bone"):
         mode = label.split("-", 1)[1] if "-" in label else args.bone_mode
         return "bone", {"bone_b": args.bone_b, "bone_mode": mode}
@@ -105,7 +113,10 @@ def build_model(config: RWKV6Config, label: str, args: argparse.Namespace, devic
     if bf16:
         model = model.to(torch.bfloat16)  # train.py loads the base checkpoint in bf16
     method, options = peft_options(label, args)
-    apply_peft(model, method, **options)
+    if method == "none":  # as train.py --peft none
+        model.requires_grad_(True)
+    else:
+        apply_peft(model, method, **options)
     cast_for_training(model, bf16)  # as train.py does
     model.grad_cp = grad_cp
     return model.train()
@@ -148,7 +159,11 @@ def run_one(preset: str, label: str, grad_cp: bool, rnd: int, args: argparse.Nam
                                n_layer=config.n_layer, n_embd=config.n_embd, vocab=config.vocab_size,
                                dim_ffn=config.dim_ffn, ctx_len=args.ctx_len, micro_bsz=args.micro_bsz,
                                dtype=args.dtype, device=device, ce=ce)
-    rec["trainable_at_preset_size"] = count_trainable(preset, method, **options)  # meta device
+    if method == "none":
+        meta = RWKV6.from_config(RWKV6Config.preset(preset), device="meta")
+        rec["trainable_at_preset_size"] = sum(p.numel() for p in meta.parameters())
+    else:
+        rec["trainable_at_preset_size"] = count_trainable(preset, method, **options)  # meta device
     _free(device)
     t0 = time.perf_counter()
     model = build_model(config, label, args, device, bf16, grad_cp)
@@ -156,8 +171,6 @@ def run_one(preset: str, label: str, grad_cp: bool, rnd: int, args: argparse.Nam
     rec["build_s"] = time.perf_counter() - t0
     _free(device)  # the fp32 build's cached blocks would otherwise count as reserved memory
     params = [p for p in model.parameters() if p.requires_grad]
-    if ce == "fused" and model.head.weight.requires_grad:
-        raise ValueError(f"--ce fused needs a frozen head, and {label} trains it")
     rec["trainable"] = sum(p.numel() for p in params)
     rec["trained_dtypes"] = sorted({str(p.dtype) for p in params})
     rec["frozen_dtypes"] = sorted({str(p.dtype) for p in model.parameters() if not p.requires_grad})
@@ -172,9 +185,9 @@ def run_one(preset: str, label: str, grad_cp: bool, rnd: int, args: argparse.Nam
             if ce == "chunked":  # head + CE recomputed per chunk in backward
                 h, _ = model.forward_features(x)  # (B, T, C)
                 loss = chunked_token_loss(model.head, h, y)
-            elif ce == "fused":  # as train.py --chunked_ce 1 with a frozen head: head applied once
+            elif ce == "fused":  # as train.py --chunked_ce 1: the head applied once, frozen or trained
                 h, _ = model.forward_features(x)
-                loss = frozen_head_token_loss(model.head.weight, h, y)
+                loss = fused_token_loss(model.head.weight, h, y)
             else:
                 loss = token_loss(model(x), y)  # (B, T, V) fp32 logits
         value = loss.item()  # train.py reads the loss every step (a sync point there too)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rwkv_bone.train.loss import (L2WRAP_SCALE, chunked_token_loss, frozen_head_token_loss, fused_frozen_head_loss,
+from rwkv_bone.train.loss import (L2WRAP_SCALE, chunked_token_loss, fused_token_loss, fused_head_loss,
                                   position_weights, token_loss)
 
 
@@ -112,11 +112,11 @@ def test_model_features_through_head_equal_the_logits():
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("l2wrap", [False, True])
 @pytest.mark.parametrize("chunk", [1, 7, 16, 1000])  # 7 and 16 do not divide B*T = 74
-def test_fused_frozen_head_loss_equals_plain_in_float64(masked, l2wrap, chunk):
+def test_fused_loss_with_a_frozen_head_equals_plain_in_float64(masked, l2wrap, chunk):
     head, h, y, mask = _problem(masked=masked, dtype=torch.float64)
     head.weight.requires_grad_(False)
     plain = token_loss(head(h), y, mask, l2wrap=l2wrap)
-    fused = frozen_head_token_loss(head.weight, h, y, mask, l2wrap=l2wrap, chunk_tokens=chunk)
+    fused = fused_token_loss(head.weight, h, y, mask, l2wrap=l2wrap, chunk_tokens=chunk)
     torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-7)
     (g_fused,) = torch.autograd.grad(fused, [h])
     (g_plain,) = torch.autograd.grad(plain, [h])
@@ -132,7 +132,7 @@ def test_fused_frozen_head_loss_equals_plain_in_float64(masked, l2wrap, chunk):
 def test_fused_loss_scales_its_gradient_by_the_incoming_one():
     head, h, y, mask = _problem()
     w = position_weights(y, mask)
-    loss = fused_frozen_head_loss(h, head.weight.detach(), y, w, 0.0, 10)
+    loss = fused_head_loss(h, head.weight.detach(), y, w, 0.0, 10)
     (g1,) = torch.autograd.grad(loss, [h], retain_graph=True)
     (g3,) = torch.autograd.grad(3 * loss, [h])
     torch.testing.assert_close(g3, 3 * g1)
@@ -143,7 +143,7 @@ def test_fused_loss_under_bf16_autocast_matches_the_chunked_path():
     head.weight.requires_grad_(False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         chunked = chunked_token_loss(head, h, y, mask, l2wrap=True, chunk_tokens=24)
-        fused = frozen_head_token_loss(head.weight, h, y, mask, l2wrap=True, chunk_tokens=24)
+        fused = fused_token_loss(head.weight, h, y, mask, l2wrap=True, chunk_tokens=24)
     torch.testing.assert_close(fused, chunked, rtol=0, atol=0)
     (a,) = torch.autograd.grad(fused, [h])
     (b,) = torch.autograd.grad(chunked, [h])
@@ -171,7 +171,7 @@ def test_fused_training_step_gives_the_chunked_paths_adapter_gradients(masked, l
     losses, grads = [], []
     for fused in (True, False):
         h, _ = model.forward_features(x)
-        loss = (frozen_head_token_loss(model.head.weight, h, y, mask, l2wrap=l2wrap, chunk_tokens=10) if fused
+        loss = (fused_token_loss(model.head.weight, h, y, mask, l2wrap=l2wrap, chunk_tokens=10) if fused
                 else chunked_token_loss(model.head, h, y, mask, l2wrap=l2wrap, chunk_tokens=10))
         losses.append(loss)
         grads.append(torch.autograd.grad(loss, params))

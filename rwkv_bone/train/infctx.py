@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .loss import chunked_token_loss, frozen_head_token_loss, position_weights
+from .loss import chunked_token_loss, fused_token_loss, position_weights, uses_fused_loss
 
 
 def _flatten(state: list[tuple[Tensor, Tensor, Tensor]] | None) -> list[Tensor]:
@@ -50,9 +50,9 @@ def infctx_loss(model: nn.Module, x: Tensor, y: Tensor, mask: Tensor | None, chu
 
     def piece(xc: Tensor, yc: Tensor, wc: Tensor, *flat: Tensor) -> tuple[Tensor, ...]:
         h, new_state = model.forward_features(xc, _unflatten(flat))  # h (B, chunk, C)
-        wt = model.head.weight
-        if torch.is_grad_enabled() and not wt.requires_grad and not hasattr(wt, "ds_id"):
-            loss = frozen_head_token_loss(wt, h, yc, None, weights=wc, l2wrap=l2wrap, n_positions=n_positions)
+        if uses_fused_loss(model.head):  # head applied once per token (twice with this checkpoint)
+            loss = fused_token_loss(model.head.weight, h, yc, None, weights=wc, l2wrap=l2wrap,
+                                    n_positions=n_positions)
         else:
             loss = chunked_token_loss(model.head, h, yc, None, weights=wc, l2wrap=l2wrap,
                                       n_positions=n_positions)

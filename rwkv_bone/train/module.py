@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from .config import DataConfig, OptimConfig
 from .data import StepSamples
 from .infctx import infctx_loss
-from .loss import chunked_token_loss, frozen_head_token_loss, token_loss  # noqa: F401  (token_loss: re-exported)
+from .loss import chunked_token_loss, fused_token_loss, token_loss, uses_fused_loss  # noqa: F401  (token_loss: re-exported)
 from .schedule import lr_at
 
 
@@ -171,10 +171,9 @@ class RWKVTrainModule(pl.LightningModule):
             return infctx_loss(self.model, x, y, mask, a.chunk_ctx, l2wrap=l2wrap)
         if a.chunked_ce:
             h, _ = self.model.forward_features(x, None, doc_start)  # (B, T, C)
-            wt = self.model.head.weight  # frozen (not ZeRO-3 partitioned): head applied once per token
-            if torch.is_grad_enabled() and not wt.requires_grad and not hasattr(wt, "ds_id"):
-                return frozen_head_token_loss(wt, h, y, mask, l2wrap=l2wrap)
-            return chunked_token_loss(self.model.head, h, y, mask, l2wrap=l2wrap)
+            if uses_fused_loss(self.model.head):  # head applied once per token, frozen or trained
+                return fused_token_loss(self.model.head.weight, h, y, mask, l2wrap=l2wrap)
+            return chunked_token_loss(self.model.head, h, y, mask, l2wrap=l2wrap)  # ZeRO-3 head
         logits = self.model(x) if doc_start is None else self.model(x, doc_start=doc_start)
         return token_loss(logits, y, mask, l2wrap=l2wrap)
 
