@@ -155,3 +155,16 @@ def test_toy_adapter_saves_reads_merges_and_loads(toy, tmp_path, mode):
     apply_peft(fresh, "toy", toy_mode="in" if mode == "out" else "out")
     with pytest.raises(UserError, match="toy_mode"):   # an adapted model must agree with the file
         load_adapter(fresh, tmp_path / "toy.pth")
+
+
+def test_a_method_without_its_own_label_is_named_by_its_options():
+    import dataclasses
+
+    from rwkv_bone.peft.options import MethodOptions, option
+
+    @dataclasses.dataclass(frozen=True)
+    class Plain(MethodOptions):
+        plain_r: int = option(4, "rank")
+        plain_mode: str = option("a", "mode", choices=("a", "b"))
+
+    assert Plain.label({"plain_r": 8, "plain_mode": "b"}) == "plain_r=8 plain_mode=b"

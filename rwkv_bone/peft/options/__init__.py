@@ -96,7 +96,8 @@ class MethodOptions:
 
     @classmethod
     def label(cls, settings: Mapping[str, Any]) -> str:
-        raise NotImplementedError
+        """A short name for logs and plots; by default every option as flag=value."""
+        return " ".join(f"{f.name}={settings[f.name]}" for f in cls.fields() if f.name in settings)
 
     @classmethod
     def peft_folder(cls, settings: Mapping[str, Any]) -> bool:
