@@ -17,7 +17,7 @@ def _problem(B=2, T=37, C=16, V=53, seed=0, masked=True, dtype=torch.float32):
         head.weight.copy_(torch.randn(V, C, generator=g) * 0.5)
     h = torch.randn(B, T, C, generator=g, dtype=dtype).requires_grad_()
     y = torch.randint(0, V, (B, T), generator=g)
-    mask = (torch.rand(B, T, generator=g) > 0.4).float() if masked else None
+    mask = (torch.rand(B, T, generator=g) > 0.4).to(dtype) if masked else None
     return head, h, y, mask
 
 

@@ -7,21 +7,16 @@ import dataclasses
 
 import pytest
 import torch
-from torch import nn
+
+from test_loss import _problem as loss_problem
 
 from rwkv_bone.train.loss import (chunked_token_loss, fused_head_loss, fused_token_loss, position_weights,
                                   token_loss, uses_fused_loss)
 
 
 def _problem(B=2, T=37, C=16, V=53, seed=0, masked=True, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    head = nn.Linear(C, V, bias=False).to(dtype)
-    with torch.no_grad():
-        head.weight.copy_(torch.randn(V, C, generator=g) * 0.5)
-    h = torch.randn(B, T, C, generator=g, dtype=dtype).requires_grad_()
-    y = torch.randint(0, V, (B, T), generator=g)
-    mask = (torch.rand(B, T, generator=g) > 0.4).to(dtype) if masked else None
-    return head, h, y, mask
+    """test_loss's problem, in float64 unless told otherwise."""
+    return loss_problem(B, T, C, V, seed, masked, dtype)
 
 
 @pytest.mark.parametrize("masked", [False, True])

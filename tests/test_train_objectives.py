@@ -160,31 +160,41 @@ def state_step(proj: str) -> int:
     return int(torch.load(path, weights_only=True)["step"]) if os.path.isfile(path) else -1
 
 
-def test_grpo_resumed_after_sigkill_ends_with_the_same_adapter(files, tmp_path):
-    proj_a, proj_b = str(tmp_path / "a"), str(tmp_path / "b")
-    r = train_cli(grpo_flags(files, proj_a))
-    assert r.returncode == 0, r.stderr[-2000:]
-    flags_b = grpo_flags(files, proj_b, save_every_steps=1)
+def kill_when(flags: list[str], ready) -> None:
+    """Start train.py with `flags` and SIGKILL it once ready() holds (or after 240 s)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    proc = subprocess.Popen([sys.executable, TRAIN, *flags_b], env=env, cwd=REPO,
+    proc = subprocess.Popen([sys.executable, TRAIN, *flags], env=env, cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 240
-        while proc.poll() is None and state_step(proj_b) < 2 and time.time() < deadline:
+        while proc.poll() is None and not ready() and time.time() < deadline:
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    assert 2 <= state_step(proj_b) < 6
-    r = train_cli(flags_b + ["--resume"])
-    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def assert_same_run(proj_a: str, proj_b: str) -> None:
+    """The same final adapter, bit for bit, and the same logged losses."""
     a = torch.load(os.path.join(proj_a, "rwkv-1.pth"), weights_only=True)
     b = torch.load(os.path.join(proj_b, "rwkv-1.pth"), weights_only=True)
     for k, v in a.items():
         if isinstance(v, torch.Tensor):
             assert torch.equal(v, b[k]), k
     assert [r["loss"] for r in rows(proj_a)] == [r["loss"] for r in rows(proj_b)]
+
+
+def test_grpo_resumed_after_sigkill_ends_with_the_same_adapter(files, tmp_path):
+    proj_a, proj_b = str(tmp_path / "a"), str(tmp_path / "b")
+    r = train_cli(grpo_flags(files, proj_a))
+    assert r.returncode == 0, r.stderr[-2000:]
+    flags_b = grpo_flags(files, proj_b, save_every_steps=1)
+    kill_when(flags_b, lambda: state_step(proj_b) >= 2)
+    assert 2 <= state_step(proj_b) < 6
+    r = train_cli(flags_b + ["--resume"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert_same_run(proj_a, proj_b)
 
 
 def test_grpo_iterations_reuse_rollouts_and_clip_from_the_second_update(files, tmp_path):
@@ -206,27 +216,11 @@ def test_grpo_iterations_resumed_after_sigkill_end_with_the_same_adapter(files, 
     r = train_cli(grpo_flags(files, proj_a, **over))
     assert r.returncode == 0, r.stderr[-2000:]
     flags_b = grpo_flags(files, proj_b, **over)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    proc = subprocess.Popen([sys.executable, TRAIN, *flags_b], env=env, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 240
-        while proc.poll() is None and len(rows(proj_b) if os.path.isfile(os.path.join(proj_b, "metrics.csv"))
-                                          else []) < 3 and time.time() < deadline:
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_when(flags_b, lambda: os.path.isfile(os.path.join(proj_b, "metrics.csv")) and len(rows(proj_b)) >= 3)
     assert state_step(proj_b) in (2, 4, 6)  # states only between batches of rollouts
     r = train_cli(flags_b + ["--resume"])
     assert r.returncode == 0, r.stderr[-2000:]
-    a = torch.load(os.path.join(proj_a, "rwkv-1.pth"), weights_only=True)
-    b = torch.load(os.path.join(proj_b, "rwkv-1.pth"), weights_only=True)
-    for k, v in a.items():
-        if isinstance(v, torch.Tensor):
-            assert torch.equal(v, b[k]), k
-    assert [r["loss"] for r in rows(proj_a)] == [r["loss"] for r in rows(proj_b)]
+    assert_same_run(proj_a, proj_b)
     assert any(float(r["clip_fraction"]) > 0 for r in rows(proj_a))
 
 
