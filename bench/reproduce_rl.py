@@ -268,7 +268,8 @@ def main() -> int:
                     help="working folder: data, cached base, runs (reused when rerun)")
     ap.add_argument("--results", default=os.path.join(ROOT, "bench", "results"),
                     help="where reproduce_rl.md goes")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1, as measured: on a shared machine more threads are slower)")
     ap.add_argument("--only", choices=("all", "grpo", "dpo"), default="all",
                     help="run only one of the two after SFT (the report covers whatever has finished)")
     args = ap.parse_args()
