@@ -14,7 +14,8 @@ Per GPU (bf16 training, as configs/rwkv6-*.sh run it):
   is replaced by a stand-in that saves what the CUDA kernel saves (r, k, v, w, u, s0), since the CPU
   chunked path keeps other tensors. Saved frozen weights are not counted twice. With --grad_cp 1 the
   blocks keep only their inputs; one block's saved tensors exist again during its recompute;
-- the chunked cross-entropy's working set: one chunk's fp32 logits and their gradient.
+- the fused cross-entropy's working set (train.py's default for a plain head): three fp32 (chunk, V) buffers and
+  two bf16 transients of one token chunk, alive in forward only; what it saves (dL/dh) is measured.
 Not included: the CUDA context, allocator fragmentation and other transient buffers (scripts/gpu_check.sh
 compares the sum with torch.cuda.max_memory_allocated when a GPU is lent).
 """
@@ -51,7 +52,30 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the micro_bsz figure is scaled from it, checked by --check_linear)")
     p.add_argument("--check_linear", action="store_true", help="also measure at 2x --measure_bsz and report the ratio")
     p.add_argument("--table", action="store_true", help="print the README table for 1.6b/3b/7b x grad_cp 0/1")
+    p.add_argument("--measured", metavar="METRICS_CSV",
+                   help="a train.py run's metrics.csv with the same settings: report its peak (peak_mem_mb, "
+                        "torch.cuda.max_memory_allocated on a GPU) beside the plan (scripts/gpu_check.sh does this)")
     return p.parse_args(argv)
+
+
+def measured_peak_bytes(path: str) -> int:
+    """The largest peak_mem_mb of a train.py metrics.csv, in bytes (train.py writes the device's
+    torch.cuda.max_memory_allocated there on a GPU, the process's peak RSS on the CPU)."""
+    import csv
+
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if "peak_mem_mb" not in (reader.fieldnames or ()):
+                raise KeyError("peak_mem_mb")
+            values = [float(r["peak_mem_mb"]) for r in reader if r.get("peak_mem_mb")]
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror}") from None
+    except (KeyError, ValueError):
+        raise ValueError(f"{path} is not a train.py metrics.csv (no numeric peak_mem_mb column)") from None
+    if not values:
+        raise ValueError(f"{path} has no training steps (no peak_mem_mb row)")
+    return int(max(values) * 2 ** 20)
 
 
 class KernelLikeWKV(torch.autograd.Function):
@@ -112,7 +136,7 @@ def measure_activations(a: argparse.Namespace, bsz: int) -> dict:
     """Saved-for-backward bytes of a two-layer model at the preset's width: {'block', 'outside',
     'block_input', 'ce_chunk'} in bytes for micro-batch `bsz`."""
     import rwkv_bone.model as M
-    from rwkv_bone.train.loss import chunk_size, chunked_token_loss
+    from rwkv_bone.train.loss import chunk_size, fused_token_loss, uses_fused_loss
 
     model, config = build(a.model_preset, a, n_layer=2)
     model.train()
@@ -151,13 +175,16 @@ def measure_activations(a: argparse.Namespace, bsz: int) -> dict:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
                 torch.autocast("cpu", dtype=torch.bfloat16):
             h, _ = model.forward_features(x, None, None)
-            chunked_token_loss(model.head, h, y, None)
+            assert uses_fused_loss(model.head)  # train.py's default loss for a plain head, as here
+            fused_token_loss(model.head.weight, h, y, None)  # saves dL/dh (N, C) for backward
     finally:
         M.wkv6 = real_wkv
     tokens_chunk = min(chunk_size(config.vocab_size), bsz * a.ctx_len)
+    # the fused loss's working set, alive during forward only: three (chunk, V) fp32 buffers (logits,
+    # log-softmax, gradient) and two bf16 transients (the product before its copy, the gradient cast)
     return {"block": tally["block1"], "outside": tally["outside"],
             "block_input": inputs_kept[1],
-            "ce_chunk": tokens_chunk * config.vocab_size * 4 * 2}
+            "ce_chunk": tokens_chunk * config.vocab_size * (3 * 4 + 2 * 2)}
 
 
 def model_states(a: argparse.Namespace) -> dict:
@@ -228,12 +255,20 @@ def main(argv=None) -> int:
                 b = argparse.Namespace(**{**vars(a), "model_preset": preset, "grad_cp": cp})
                 print(row(b, plan(b)), flush=True)
         return 0
+    try:
+        measured = measured_peak_bytes(a.measured) if a.measured else None  # a bad file fails before the plan
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     r = plan(a)
     print(f"trainable parameters {r['trainable_params']:,} of {r['total_params']:,}")
     print(HEADER)
     print(row(a, r))
     if "linearity" in r:
         print(f"saved bytes at 2x the measuring micro-batch / at 1x: {r['linearity']:.3f} (2.000 = linear)")
+    if measured is not None:
+        print(f"plan {r['total'] / GIB:.2f} GiB vs measured {measured / GIB:.2f} GiB ({a.measured}): "
+              f"plan / measured = {r['total'] / measured:.3f}")
     return 0
 
 

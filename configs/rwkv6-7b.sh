@@ -3,10 +3,8 @@
 # (88,080,384 trainable parameters each), global batch 64, lr 2e-5 constant, ctx 512, bf16,
 # DeepSpeed ZeRO-2, grad_cp 1, one epoch.
 #   bash configs/rwkv6-7b.sh bone RWKV-x060-World-7B.pth data/metamath [out/7b-bone]
-# GPU memory per GPU, an ESTIMATE (not measured): weights bf16 15.3 GB + adapter, grads and AdamW
-# fp32 <= 1.6 GB + activations with grad_cp ~0.6 GB per sample (MICRO_BSZ 4: 2.4 GB)
-# + CUDA/DeepSpeed overhead ~2 GB  =>  ~21 GB at MICRO_BSZ 4, ~24 GB at MICRO_BSZ 8 (a 24 GB card
-# is tight: use MICRO_BSZ 2).
+# GPU memory per GPU (8 GPUs, ZeRO-2, bench/memory_plan.py: DeepSpeed's estimators + activations
+# measured on the CPU; + ~1-2 GB CUDA context and allocator slack): 15.96 GiB at MICRO_BSZ 4, 17.09 GiB at 8.
 # Small GPUs: STRATEGY=deepspeed_stage_3_offload keeps weights and optimizer in CPU RAM (~20 GB
 # host memory per node, plus a C++ compiler for DeepSpeed's CPU Adam); GPU then holds roughly the
 # layer being computed + activations: ~2 GB + 0.6 GB per sample (ESTIMATE), much slower.

@@ -4,14 +4,15 @@
 # H200, no network): (a) environment, (b) set-up, (c) JIT build of the WKV6 CUDA kernel, (d) the
 # gpu-marked tests, (p) the kernel's self-check figures, packed documents (doc_start) against each
 # document alone, and chunked vs plain cross-entropy peak memory (V = 65536, 4096 tokens per
-# micro-batch), (e) WKV kernel vs chunked benchmark, (f) Bone vs LoRA training-step benchmark
-# (the paper's Table 6), (g) $OUT/summary.md.
+# micro-batch), (m) the memory plan (bench/memory_plan.py) beside a 1.6B ZeRO-2 train.py run's
+# torch.cuda.max_memory_allocated, (e) WKV kernel vs chunked benchmark, (f) Bone vs LoRA
+# training-step benchmark (the paper's Table 6), (g) $OUT/summary.md.
 #
 #   bash scripts/gpu_check.sh                                   # results in $OUT (default gpu_out/)
 #   OUT=/tmp/gc GPU_CHECK_ALLOW_CPU=1 bash scripts/gpu_check.sh  # no GPU: CPU dry run, tiny sizes
 #
 # Files written to $OUT (8; the device tool brings back at most 8): env.txt, build.txt,
-# pytest_gpu.txt, paths.txt, bench_wkv.txt, train_step.txt, train_step.json, summary.md.
+# pytest_gpu.txt, paths.txt (steps p and m), bench_wkv.txt, train_step.txt, train_step.json, summary.md.
 # Every step has a timeout, clamped to what is left of GPU_CHECK_BUDGET_S (default 540 s, so the
 # whole script ends inside a 10-minute call), and the script goes on after a failing step.
 # Exit status: 0 every step that ran passed; 1 a step failed or timed out; 3 no CUDA and no dry
@@ -50,9 +51,9 @@ PY=${PY:-$(pick_python)}
 # ---- steps ---------------------------------------------------------------------------------
 declare -A TITLE=([a]="environment" [b]="set-up" [c]="build the WKV6 CUDA kernel"
                   [d]="gpu-marked tests" [p]="self-check, packed, chunked-CE paths"
-                  [e]="WKV6 benchmark" [f]="training-step benchmark")
+                  [m]="memory plan vs measured" [e]="WKV6 benchmark" [f]="training-step benchmark")
 declare -A STATUS SECS LOG
-STEPS=(a b c d p e f)
+STEPS=(a b c d p m e f)
 FAILED=0
 
 record() {  # record KEY STATUS SECONDS LOGFILE
@@ -173,6 +174,25 @@ elif [ -n "$PY" ] && [ "${GPU_CHECK_ALLOW_CPU:-0}" = 1 ]; then
 fi
 echo "=== mode: $MODE (python: ${PY:-none})" | tee -a "$OUT/env.txt"
 
+# (m): 3 train.py steps of Bone b=64, micro_bsz 8, ctx 512, grad_cp 1 (on a GPU: L24 C2048 = 1.6B,
+# random weights in the official layout, bf16, ZeRO-2 on one GPU; CPU dry run: L2 C128 fp32, the plumbing only), then the
+# plan for the 1.6B setting with that run's peak (metrics.csv's peak_mem_mb) beside it.
+MEMPLAN_SH='
+py=$0; mode=$1; t=$(mktemp -d); trap 'rm -rf "$t"' EXIT
+"$py" make_data.py data/demo/pretrain.txt --output "$t/d" --quiet || exit 1
+if [ "$mode" = gpu ]; then
+    size=(24 2048); dev=(--accelerator gpu --precision bf16 --strategy deepspeed_stage_2)
+else
+    size=(2 128); dev=(--accelerator cpu --precision fp32)
+fi
+"$py" -c "import sys; sys.path.insert(0, \"bench\"); from bench_merge import make_checkpoint; \
+make_checkpoint(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), 65536)" "$t/base.pth" "${size[@]}" || exit 1
+"$py" train.py --load_model "$t/base.pth" --peft bone --bone_b 64 --data_file "$t/d" --ctx_len 512 \
+    --micro_bsz 8 --epoch_steps 3 --grad_cp 1 --devices 1 "${dev[@]}" --proj_dir "$t/run" --progress 0 || exit 1
+"$py" bench/memory_plan.py --model_preset 1.6b --peft bone --bone_b 64 --micro_bsz 8 --ctx_len 512 \
+    --strategy deepspeed_stage_2 --devices 1 --grad_cp 1 --measured "$t/run/metrics.csv"
+'
+
 # ---- (c)-(f) -------------------------------------------------------------------------------
 TRAIN_ARGS=(--methods "$TRAIN_STEP_METHODS" --grad_cp "$TRAIN_STEP_GRAD_CP" --presets 1.6b,3b
             --json "$OUT/train_step.json")
@@ -183,6 +203,7 @@ case $MODE in
         run_step p "$OUT/paths.txt" 150 bash -c '"$0" scripts/check_paths.py --device cuda && "$0" \
             bench/bench_train_step.py --device cuda --dtype bf16 --presets 1.6b --micro_bsz 8 --ctx_len 512 \
             --methods bone --ce chunked,plain --grad_cp 1 --steps 2 --warmup 1 --repeats 1' "$PY"
+        run_step m "$OUT/paths.txt" 240 bash -c "$MEMPLAN_SH" "$PY" gpu
         run_step e "$OUT/bench_wkv.txt" 90 "$PY" bench/bench_wkv.py --cuda
         run_step f "$OUT/train_step.txt" 270 "$PY" bench/bench_train_step.py --device cuda \
             --dtype bf16 --ctx_len 512 --micro_bsz 1 "${TRAIN_ARGS[@]}"
@@ -194,13 +215,14 @@ case $MODE in
             bench/bench_train_step.py --device cpu --dtype fp32 --presets 1.6b --n_layer 2 --n_embd 128 \
             --vocab 4096 --micro_bsz 2 --ctx_len 64 --methods bone --ce chunked,plain --grad_cp 0 --steps 1 \
             --warmup 1 --repeats 1 --threads 1' "$PY"
+        run_step m "$OUT/paths.txt" 120 bash -c "$MEMPLAN_SH" "$PY" cpu
         run_step e "$OUT/bench_wkv.txt" 90 "$PY" bench/bench_wkv.py --T 64 --H 4 --repeats 1
         run_step f "$OUT/train_step.txt" 120 "$PY" bench/bench_train_step.py --device cpu \
             --dtype bf16 --n_layer 2 --n_embd 128 --vocab 256 --ctx_len 32 --steps 2 --warmup 1 --threads 1 \
             "${TRAIN_ARGS[@]}"
         ;;
     none)
-        for key in c d p e f; do skip_step "$key" "no CUDA"; done
+        for key in c d p m e f; do skip_step "$key" "no CUDA"; done
         ;;
 esac
 
@@ -224,6 +246,8 @@ SUMMARY="$OUT/summary.md"
     echo "- gpu tests: $(grep -E '(passed|failed|skipped|error|no tests ran)' "$OUT/pytest_gpu.txt" 2>/dev/null | tail -n 1 || echo 'n/a')"
     echo "- self-check / packed / chunked CE:"
     grep -E -- '-> |peak memory chunked CE' "$OUT/paths.txt" 2>/dev/null | sed 's/^ */    /' || echo "    n/a"
+    echo "- memory plan vs measured ($MODE mode; on the CPU the measured figure is a tiny run's RSS):"
+    grep -E 'plan / measured|deepspeed_stage_2 x1 \|' "$OUT/paths.txt" 2>/dev/null | sed 's/^ */    /' || echo "    n/a"
     echo "- WKV6 forward+backward:"
     grep -E 'CUDA kernel .* ms|speed-up|chunked \(wkv6' "$OUT/bench_wkv.txt" 2>/dev/null | sed 's/^ */    /' ||
         echo "    n/a"
