@@ -178,7 +178,7 @@ echo "=== mode: $MODE (python: ${PY:-none})" | tee -a "$OUT/env.txt"
 # random weights in the official layout, bf16, ZeRO-2 on one GPU; CPU dry run: L2 C128 fp32, the plumbing only), then the
 # plan for the 1.6B setting with that run's peak (metrics.csv's peak_mem_mb) beside it.
 MEMPLAN_SH='
-py=$0; mode=$1; t=$(mktemp -d); trap 'rm -rf "$t"' EXIT
+py=$0; mode=$1; t=$(mktemp -d); trap "rm -rf $t" EXIT
 "$py" make_data.py data/demo/pretrain.txt --output "$t/d" --quiet || exit 1
 if [ "$mode" = gpu ]; then
     size=(24 2048); dev=(--accelerator gpu --precision bf16 --strategy deepspeed_stage_2)
@@ -245,7 +245,8 @@ SUMMARY="$OUT/summary.md"
     echo "- kernel build: $(grep -m1 'kernel build+load' "$OUT/build.txt" 2>/dev/null || echo 'n/a')"
     echo "- gpu tests: $(grep -E '(passed|failed|skipped|error|no tests ran)' "$OUT/pytest_gpu.txt" 2>/dev/null | tail -n 1 || echo 'n/a')"
     echo "- self-check / packed / chunked CE:"
-    grep -E -- '-> |peak memory chunked CE' "$OUT/paths.txt" 2>/dev/null | sed 's/^ */    /' || echo "    n/a"
+    grep -E -- '-> |peak memory chunked CE' "$OUT/paths.txt" 2>/dev/null | grep -v 'tokens per step' |
+        sed 's/^ */    /' || echo "    n/a"
     echo "- memory plan vs measured ($MODE mode; on the CPU the measured figure is a tiny run's RSS):"
     grep -E 'plan / measured|deepspeed_stage_2 x1 \|' "$OUT/paths.txt" 2>/dev/null | sed 's/^ */    /' || echo "    n/a"
     echo "- WKV6 forward+backward:"
