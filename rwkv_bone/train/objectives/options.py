@@ -49,9 +49,6 @@ def validate_objective(args: argparse.Namespace) -> None:
         raise UserError("--grpo_beta above 0 needs the reference model's log-probs of every fresh rollout, which "
                         "with --peft none would be a second whole model; use --grpo_beta 0 or an adapter "
                         "(e.g. --peft bone)")
-    if o == "grpo" and args.strategy.startswith("deepspeed_stage_3"):
-        raise UserError("--objective grpo samples its rollouts with the recurrent decoder, which reads whole "
-                        "weights that ZeRO-3 shards across processes; use deepspeed_stage_1 or deepspeed_stage_2")
     if args.train_type == "infctx" or args.sft_pack:
         raise UserError(f"--objective {o} runs whole sequences; drop --train_type infctx and --sft_pack")
     if o == "dpo":
