@@ -134,11 +134,11 @@ def sliced(tmp_path_factory):
 
 
 def grpo_run(sliced, proj, strategy, peft):
-    extra = dict(peft="bone", bone_b=16) if peft == "bone" else dict(peft=peft, bone_b=None, lora_r=4)
+    extra = {"bone": dict(bone_b=16), "lora": dict(bone_b=None, lora_r=4), "state": dict(bone_b=None)}[peft]
     flags = base_flags(sliced["ckpt"], sliced["prompts"], proj, objective="grpo", reward="gsm8k",
                        tokenizer=sliced["vocab"], num_generations=4, max_new_tokens=3, grpo_beta=0.04,
                        epoch_steps=2, epoch_count=1, lr_init=2e-2, micro_bsz=2, strategy=strategy, devices=2,
-                       **extra)
+                       peft=peft, **extra)
     r = train_cli(flags)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return proj
@@ -156,7 +156,7 @@ def _logged(proj):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("peft", ["bone", "lora"])
+@pytest.mark.parametrize("peft", ["bone", "lora", "state"])  # state: a TimeMix tensor RWKV6.step reads
 def test_grpo_under_zero3_trains_what_zero2_trains_and_saves_what_merges(sliced, bone_zero2, tmp_path, peft):
     from rwkv_bone.model import RWKV6
     from rwkv_bone.peft.adapter_io import load_adapter, merge_state_dict, read_adapter_file

@@ -226,7 +226,6 @@ def test_grpo_iterations_resumed_after_sigkill_end_with_the_same_adapter(files, 
 
 @pytest.mark.parametrize("over,message", [
     ({"grpo_iterations": 2}, "make --epoch_steps and --save_every_steps multiples of 2"),
-    ({"strategy": "deepspeed_stage_3", "devices": 2}, "which reads whole weights that ZeRO-3 shards across processes"),
     ({"num_generations": 1}, "--num_generations 1: GRPO compares the completions of each prompt with each other, so it needs at least 2"),
     ({"reward": "bleu"}, "unknown reward 'bleu'; choose one of gsm8k, math, exact (eval.py's scorers)"),
     ({"peft": "none"}, "with --peft none would be a second whole model; use --grpo_beta 0 or an adapter"),
