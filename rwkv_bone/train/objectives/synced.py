@@ -72,8 +72,8 @@ def sample_batch_synced(model, prompts: Sequence[Sequence[int]], n: int, max_tok
     out = [[Rollout() for _ in range(n)] for _ in prompts]
     first, states, calls = [], [], 0
     for p in prompts:
-        lg, st = feed(model, p)
-        calls += -(-len(p) // PROMPT_CHUNK)   # feed's forward calls
+        lg, st = feed(model, p, chunk=PROMPT_CHUNK)
+        calls += -(-len(p) // PROMPT_CHUNK)   # feed's forward calls: one per chunk
         first.append(lg[None].expand(n, -1))
         states.append(cat_states([st] * n))
     for _ in range(most(calls) - calls):
