@@ -224,9 +224,26 @@ def test_grpo_iterations_resumed_after_sigkill_end_with_the_same_adapter(files, 
     assert any(float(r["clip_fraction"]) > 0 for r in rows(proj_a))
 
 
+def test_grpo_iterations_stopped_by_my_exit_tokens_between_batches_and_extended_end_alike(files, tmp_path):
+    # --my_exit_tokens may only end a --grpo_iterations run between batches of rollouts (inside one
+    # it is refused, see below), so the extended run regenerates exactly the batch it would have had.
+    proj_a, proj_b = str(tmp_path / "a"), str(tmp_path / "b")
+    over = dict(grpo_iterations=2, epoch_steps=4, epoch_count=2, save_every_steps=2, lr_init=0.1)
+    r = train_cli(grpo_flags(files, proj_a, **over))
+    assert r.returncode == 0, r.stderr[-2000:]
+    flags_b = grpo_flags(files, proj_b, **over)
+    r = train_cli(flags_b + ["--my_exit_tokens", str(2 * 2 * 16)])  # 2 steps of 2 x 16 tokens
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert state_step(proj_b) == 2
+    r = train_cli(flags_b + ["--resume"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert_same_run(proj_a, proj_b)
+
+
 @pytest.mark.parametrize("over,message", [
     ({"grpo_iterations": 2}, "make --epoch_steps and --save_every_steps multiples of 2"),
-    ({"strategy": "deepspeed_stage_3", "devices": 2}, "which reads whole weights that ZeRO-3 shards across processes"),
+    ({"grpo_iterations": 2, "epoch_steps": 4, "my_exit_tokens": 3 * 2 * 16},  # 3 steps of 2 x 16 tokens
+     "ends the run after step 3, inside a batch of rollouts that --grpo_iterations 2 reuses for 2 steps"),
     ({"num_generations": 1}, "--num_generations 1: GRPO compares the completions of each prompt with each other, so it needs at least 2"),
     ({"reward": "bleu"}, "unknown reward 'bleu'; choose one of gsm8k, math, exact (eval.py's scorers)"),
     ({"peft": "none"}, "with --peft none would be a second whole model; use --grpo_beta 0 or an adapter"),

@@ -8,6 +8,7 @@ from torch import Tensor
 from .dpo import dpo_batch_loss
 from .grpo import GRPOSettings, Rollouts, rollout_loss, sample_rollouts
 from .reference import InitialWeights
+from .synced import is_partitioned, most_over_processes
 
 
 class DPOObjective:
@@ -77,9 +78,11 @@ class GRPOObjective:
             # Samples are a pure function of (seed, generation step, rank, micro-batch): --resume draws the same.
             g = torch.Generator().manual_seed(hash((self.seed, s0, module.global_rank, micro)) % (2**63))
             was_training = module.model.training
+            # ZeRO-3: every process makes the model calls of the busiest (objectives/synced.py).
+            most = (lambda n: most_over_processes(n, module.device)) if is_partitioned(module.model) else None
             ro = sample_rollouts(module.model, [self.prompts[i] for i in idx],
                                  lambda i, toks: self.reward(idx[i], toks), self.settings, g,
-                                 vocab_limit=self.vocab_limit, records=idx)
+                                 vocab_limit=self.vocab_limit, records=idx, most=most)
             module.model.train(was_training)
             self.buffer[micro] = ro
         loss, m = rollout_loss(module.model, self.reference, ro, self.settings)

@@ -25,10 +25,13 @@ rho = 1 on the first update and the clip acts from the second on.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .synced import Most
 
 GRPO_LOSSES = ("grpo", "dr_grpo", "dapo")
 STD_EPS = 1e-4
@@ -89,11 +92,12 @@ class GRPOSettings:
     loss: str = "grpo"
 
 
-def completion_rows(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]
-                    ) -> tuple[Tensor, Tensor, Tensor]:
+def completion_rows(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+                    length: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """prompt + completion per row, as next-token training rows padded with 0: x, y (N, T) int64 and
-    mask (N, T) float32, 1 exactly where y is a completion token."""
-    T = max(len(p) + len(c) - 1 for p, c in zip(prompts, completions))
+    mask (N, T) float32, 1 exactly where y is a completion token; T is the longest row, or `length`
+    when that is more."""
+    T = max([length] + [len(p) + len(c) - 1 for p, c in zip(prompts, completions)])
     N = len(completions)
     x = torch.zeros(N, T, dtype=torch.long)
     y = torch.zeros(N, T, dtype=torch.long)
@@ -125,20 +129,26 @@ class Rollouts:
 
 def sample_rollouts(model, prompts: Sequence[Sequence[int]], reward: Callable[[int, list[int]], float],
                     s: GRPOSettings, generator: torch.Generator, vocab_limit: int | None = None,
-                    records: Sequence[int] = ()) -> Rollouts:
+                    records: Sequence[int] = (), most: Most | None = None) -> Rollouts:
     """G rollouts per prompt with the shared batched decoder, rewards reward(prompt index,
-    completion tokens) and group advantages."""
+    completion tokens) and group advantages. Under ZeRO-3, `most` (objectives.synced.most_over_processes)
+    makes every process call the model as often: the synced sampler, and rows padded to the longest."""
     from ...decode import sample_batch
+    from .synced import sample_batch_synced
 
     G = s.num_generations
-    groups = sample_batch(model, prompts, G, s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                          generator=generator, vocab_limit=vocab_limit)
+    opts = dict(temperature=s.temperature, top_p=s.top_p, generator=generator, vocab_limit=vocab_limit)
+    if most is None:
+        groups = sample_batch(model, prompts, G, s.max_new_tokens, **opts)
+    else:
+        groups = sample_batch_synced(model, prompts, G, s.max_new_tokens, most=most, **opts)
     rewards = torch.tensor([[float(reward(i, r.tokens)) for r in group] for i, group in enumerate(groups)])
     adv = group_advantages(rewards, scale=s.loss != "dr_grpo").flatten()               # (P * G,)
     rows_p = [p for p in prompts for _ in range(G)]
     rows_c = [r.tokens for group in groups for r in group]
     device = model.emb.weight.device
-    x, y, mask = (t.to(device) for t in completion_rows(rows_p, rows_c))
+    longest = max(len(p) + len(c) - 1 for p, c in zip(rows_p, rows_c))
+    x, y, mask = (t.to(device) for t in completion_rows(rows_p, rows_c, most(longest) if most else 0))
     return Rollouts(list(records), x, y, mask, adv.to(device), rewards,
                     float(sum(len(c) for c in rows_c)) / len(rows_c))
 

@@ -49,9 +49,6 @@ def validate_objective(args: argparse.Namespace) -> None:
         raise UserError("--grpo_beta above 0 needs the reference model's log-probs of every fresh rollout, which "
                         "with --peft none would be a second whole model; use --grpo_beta 0 or an adapter "
                         "(e.g. --peft bone)")
-    if o == "grpo" and args.strategy.startswith("deepspeed_stage_3"):
-        raise UserError("--objective grpo samples its rollouts with the recurrent decoder, which reads whole "
-                        "weights that ZeRO-3 shards across processes; use deepspeed_stage_1 or deepspeed_stage_2")
     if args.train_type == "infctx" or args.sft_pack:
         raise UserError(f"--objective {o} runs whole sequences; drop --train_type infctx and --sft_pack")
     if o == "dpo":
@@ -77,6 +74,14 @@ def validate_objective(args: argparse.Namespace) -> None:
     if K > 1 and (args.epoch_steps % K or args.save_every_steps % K):
         raise UserError(f"--grpo_iterations {K} reuses each batch of rollouts for {K} steps and a resumable state "
                         f"is only saved between batches; make --epoch_steps and --save_every_steps multiples of {K}")
+    if K > 1 and args.my_exit_tokens:
+        # tokens per optimizer step as train/run.py's plan_run counts them
+        per_step = args.micro_bsz * args.accumulate_grad_batches * args.devices * args.num_nodes * args.ctx_len
+        steps = math.ceil(args.my_exit_tokens / per_step)
+        if steps < args.epoch_count * args.epoch_steps and steps % K:
+            raise UserError(f"--my_exit_tokens {args.my_exit_tokens} ends the run after step {steps}, inside a batch of "
+                            f"rollouts that --grpo_iterations {K} reuses for {K} steps, so a resumed run would sample "
+                            f"that batch anew; give a multiple of {K * per_step} tokens ({K} steps)")
     if not args.data_file.endswith(".jsonl"):
         raise UserError("--objective grpo samples answers to questions: give --data_file as a .jsonl of "
                         "records eval.py reads (question/answer, query/response, problem/solution)")
