@@ -64,3 +64,33 @@ def test_batched_step_at_a_width_that_uses_the_blocked_linear_equals_rows_alone(
         one, one_state = model.step(tokens[row:row + 1], fed[row][1])
         assert torch.allclose(logits[row], one[0], rtol=1e-5, atol=1e-5)
         assert torch.allclose(state[0][1][row], one_state[0][1][0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("where", [0, 63, 64, 65, 127, 128, 199])
+def test_is_finite_finds_one_bad_bf16_value_at_any_position_and_chunk_edge(monkeypatch, bad, where):
+    monkeypatch.setattr(checkpoint, "FINITE_CHUNK", 64)  # 200 elements: chunks [0,64) [64,128) ... [192,200)
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(200, generator=g).bfloat16()
+    assert checkpoint.is_finite(t) and checkpoint.is_finite(t.view(8, 25))
+    t[where] = bad
+    assert not checkpoint.is_finite(t) and not checkpoint.is_finite(t.view(8, 25))
+    assert bool(torch.isfinite(t).all()) is False  # the obvious reference agrees
+
+
+def test_is_finite_passes_finite_bf16_values_whose_bf16_sum_overflows(monkeypatch):
+    monkeypatch.setattr(checkpoint, "FINITE_CHUNK", 64)
+    big = torch.full((200,), 3.0e38).bfloat16()  # finite (bf16 max ~3.39e38); any chunk sum overflows
+    assert torch.isfinite(big).all() and not torch.isfinite(big[:64].sum())
+    assert checkpoint.is_finite(big)
+    big[150] = float("inf")
+    assert not checkpoint.is_finite(big)
+
+
+def test_is_finite_leaves_the_thread_count_as_it_found_it():
+    n = torch.get_num_threads()
+    t = torch.zeros(1 << 17, dtype=torch.bfloat16)
+    assert checkpoint.is_finite(t)
+    t[-1] = float("nan")
+    assert not checkpoint.is_finite(t)
+    assert torch.get_num_threads() == n

@@ -156,3 +156,12 @@ def test_make_data_native_and_python_write_identical_files(tmp_path):
     ds = MMapIndexedDataset(str(tmp_path / "py"))
     assert len(ds) == len(recs) and ds.get(0).tolist() == WorldTokenizer().encode(docs[0]) + [0]
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f or f.startswith(".")]
+
+
+def test_a_second_create_in_the_process_reuses_the_built_native_tokenizer_with_the_same_ids():
+    first, why = NativeWorldTokenizer.create()
+    second, _ = NativeWorldTokenizer.create()
+    assert not why and first is not None and second is not None
+    assert second._native is first._native  # built once (~0.2 s), never dropped (~0.1 s)
+    text = probe_text()
+    assert second.encode(text) == first.encode(text) == WorldTokenizer().encode(text)
