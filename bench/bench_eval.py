@@ -1,6 +1,7 @@
 """Greedy decoding tokens/s, side by side in one run on one model and dtype: the official `rwkv`
 package's one-token path, ours at batch 1 and ours at --batch rows (rwkv_bone.decode.greedy_batch,
-i.e. RWKV6.step), for each --dtype.
+i.e. RWKV6.step), for each --dtype; where the CPU decode kernel (rwkv_bone/gemv) runs, ours again
+with torch's matmul in its place.
 
     python bench/bench_eval.py [--n_layer 24 --n_embd 2048 --vocab 65536 --tokens 16 --batch 8
                                 --dtype fp32,bf16 --repeats 2 --dir /tmp]
@@ -24,6 +25,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from rwkv_bone import gemv  # noqa: E402
 from rwkv_bone.config import RWKV6Config  # noqa: E402
 from rwkv_bone.decode import greedy_batch  # noqa: E402
 from rwkv_bone.model import RWKV6  # noqa: E402
@@ -104,21 +106,29 @@ def main() -> None:
             path = os.path.join(d, "bench.pth")
             model.save_checkpoint(path)
             pkg = Package(path, name)
-        ours(model, prompts[:1], 3, 1)  # warm-up (first-call allocations)
-        best = {"pkg": float("inf"), "one": float("inf"), "many": float("inf")}
+        ours(model, prompts[:1], 3, 1)  # warm-up (first-call allocations, the kernel's build)
+        paths = [("pkg", 0, None), ("one", 1, True), ("many", args.batch, True)]
+        if gemv.available():  # ours with torch's matmul as well, side by side
+            paths += [("one_torch", 1, False), ("many_torch", args.batch, False)]
+        best = {key: float("inf") for key, _, _ in paths}
         made, prefill = {}, float("inf")
         for _ in range(args.repeats):
-            best["pkg"] = min(best["pkg"], pkg.decode_s(prompts[0], args.tokens))
-            for key, rows in (("one", 1), ("many", args.batch)):
+            for key, rows, kernel in paths:
+                if key == "pkg":
+                    best[key] = min(best[key], pkg.decode_s(prompts[0], args.tokens))
+                    continue
+                gemv.set_enabled(kernel)
                 pre, made[key], s = ours(model, prompts[:rows], args.tokens, rows)
                 best[key] = min(best[key], s)
                 if key == "many":
                     prefill = min(prefill, pre)
-        tps = {"pkg": (args.tokens - 1) / best["pkg"], "one": made["one"] / best["one"],
-               "many": made["many"] / best["many"]}
-        for key, label in (("pkg", "rwkv package (one-token forward)"), ("one", "ours, batch 1"),
-                           ("many", f"ours, batch {args.batch}")):
-            print(f"{name:5s} {label:34s} {tps[key]:10.2f} {tps[key] / tps['pkg']:10.2f}x "
+            gemv.set_enabled(True)
+        tps = {key: (made[key] if key in made else args.tokens - 1) / best[key] for key in best}
+        labels = {"pkg": "rwkv package (one-token forward)", "one": "ours, batch 1",
+                  "many": f"ours, batch {args.batch}", "one_torch": "ours, batch 1, torch matmul",
+                  "many_torch": f"ours, batch {args.batch}, torch matmul"}
+        for key in best:
+            print(f"{name:5s} {labels[key]:34s} {tps[key]:10.2f} {tps[key] / tps['pkg']:10.2f}x "
                   f"{tps[key] / tps['one']:10.2f}x", flush=True)
         print(f"{name:5s} ours, prefill of the {args.batch} prompts (4-8 tokens each, one at a time): "
               f"{prefill:.2f} s, not in the figures above")

@@ -100,7 +100,7 @@ how many rows it ended (progress bars)."""
     while waiting or active:
         # Fill free rows: each new prompt is prefilled alone and its state joins the batch.
         joined_logits, joined_states = [], []
-        while waiting and len(active) + len(joined_states) < batch_size:
+        while waiting and len(active) < batch_size:  # active already counts the rows joining now
             i = waiting.pop()
             lg, st = feed(model, prompts[i])
             joined_logits.append(lg[None])

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from . import gemv
 from .config import RWKV6Config
 from .errors import UserError
 from .wkv import wkv6
@@ -384,6 +385,8 @@ def _step_linear(lin: nn.Module, x: Tensor) -> Tensor:
     the 2048x2048, 7168x2048, 2048x7168 and 65536x2048 weights, 128 and 256 slower). Same products and sums (the tests
     compare it with lin(x)); anything else (an adapter, bf16, batch 1) is just lin(x)."""
     w = lin.weight if type(lin) is nn.Linear else None
+    if w is not None and lin.bias is None and gemv.applies(x, w):
+        return gemv.linear(x, w)  # the few-row CPU kernel: fp32 or bf16, B <= 16 (rwkv_bone/gemv)
     if (w is None or lin.bias is not None or x.dim() != 2 or x.shape[0] < 3 or x.dtype != torch.float32
             or w.dtype != torch.float32 or w.shape[0] < 16 * STEP_BLOCK_ROWS or w.shape[0] % STEP_BLOCK_ROWS
             or not w.is_contiguous()):

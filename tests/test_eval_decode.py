@@ -96,6 +96,20 @@ def test_finished_rows_leave_the_batch_without_changing_the_others():
     assert max(seen_rows) <= 3 and sum(seen_rows) == sum(len(c.tokens) for c in batched)
 
 
+def test_the_batch_fills_every_free_row_at_once():
+    """8 prompts at batch size 8 decode as one batch of 8 from the first step; 7 prompts at batch
+    size 3 run 3 rows until too few prompts are left (a row that ends is refilled in the same step)."""
+    model = random_model(5).eval()
+    prompts = PROMPTS + [[11, 12], [13]]
+    seen = []
+    greedy_batch(model, prompts, 4, batch_size=8, on_step=lambda made, done: seen.append(made))
+    assert seen == [8, 8, 8, 8]
+    seen = []
+    stop = lambda i, toks: len(toks) >= 2  # noqa: E731 - every row ends after 2 tokens
+    greedy_batch(model, prompts[:7], 9, batch_size=3, stop=stop, on_step=lambda made, done: seen.append(made))
+    assert seen == [3, 3, 3, 3, 1, 1]
+
+
 def test_end_of_document_and_vocab_limit():
     model = random_model(6).eval()
     with torch.no_grad():

@@ -1,0 +1,179 @@
+"""Few-row matrix products for one-token decoding: y (B, N) = x (B, K) W (N, K)^T on the CPU.
+
+At decode time a model step multiplies a handful of rows by every weight matrix, so its cost is
+reading the weights once. torch's CPU matmul does not stream them at the memory's speed for
+few rows (bench/bench_gemv.py, 2-core EPYC, L24 C2048 weight shapes: fp32 about 22 GB/s at
+B = 1 and 10-13 GB/s at B = 2..8; bf16 about 25 GB/s), while a kernel that loads each vector of
+W once and keeps R x B accumulators in registers reads them at 44-48 GB/s at B = 1 and
+26-29 GB/s at B = 8 (gemv.c). Math: y[b, o] = sum_k W[o, k] x[b, k], float32 accumulation; fp32
+W with fp32 x (FMAs), bf16 W with bf16 x (vdpbf16ps: exact bf16 products summed in float32, as
+torch's bf16 matmul sums them), the result rounded to x's dtype.
+
+The C source is compiled on first use with the system C compiler (`cc -O3 -march=native -fopenmp`)
+into ~/.cache/rwkv_bone (or $XDG_CACHE_HOME/rwkv_bone), named by a hash of the source, the flags
+and the compiler, written atomically, and loaded with ctypes. It links the libgomp torch has
+already loaded (same soname), so it shares torch's OpenMP thread pool and uses
+torch.get_num_threads() threads. It needs AVX-512F and AVX512-BF16; elsewhere (no compiler, another
+CPU) `available()` is False and callers use torch's matmul. Before first use it checks itself
+against a float64 product on ragged sizes (rows that do not divide its blocks, batches of 1..19)
+in both dtypes; any disagreement warns once and turns it off for the process.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("gemv.c")
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+MAX_ROWS = 16  # batches above this go to torch's matmul (whose sgemm is efficient by then)
+K_MULTIPLE = 32  # the kernels step over K in vectors of 16 fp32 / 32 bf16 values
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # max |y - ref| / max(1, max |ref|)
+_enabled = True
+
+
+def set_enabled(flag: bool) -> bool:
+    """Turn the kernel on or off for this process (the benchmarks time torch's path beside it);
+    returns the previous setting."""
+    global _enabled
+    previous, _enabled = _enabled, bool(flag)
+    return previous
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "rwkv_bone"
+
+
+def compiler() -> Optional[str]:
+    """The C compiler: $CC, else the one Python was built with, else cc / gcc / clang on PATH."""
+    names = [os.environ.get("CC", ""), (sysconfig.get_config_var("CC") or "").split(" ")[0], "cc", "gcc", "clang"]
+    for name in names:
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def build() -> Path:
+    """Compile gemv.c (or reuse the cached build) and return the shared library's path."""
+    cc = compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC or install gcc)")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(SOURCE.read_bytes() + repr((CFLAGS, cc, version)).encode()).hexdigest()[:16]
+    out = cache_dir() / f"gemv-{key}.so"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".gemv-", suffix=".so")
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-500:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _library() -> Optional[ctypes.CDLL]:
+    """The loaded kernels, or None where they cannot run (said once, as a warning, unless the CPU
+    simply lacks AVX-512)."""
+    try:
+        lib = ctypes.CDLL(str(build()))
+    except Exception as exc:  # no compiler, a compiler error, a library that does not load
+        warnings.warn(f"gemv: the CPU decode kernel is not available ({exc}); decoding uses torch's "
+                      "matmul", RuntimeWarning, stacklevel=3)
+        return None
+    if not lib.rb_gemv_supported():
+        return None  # built without AVX-512 BF16: nothing to use, nothing wrong
+    for name in ("rb_gemv_f32", "rb_gemv_bf16"):
+        fn = getattr(lib, name)
+        fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+        fn.restype = ctypes.c_int
+    lib.rb_gemv_set_rows.argtypes = [ctypes.c_int] * 3
+    lib.rb_gemv_get_rows.argtypes = [ctypes.c_int] * 2
+    return lib
+
+
+def _run(lib: ctypes.CDLL, x: Tensor, w: Tensor, threads: int) -> Tensor:
+    B, K = x.shape
+    y = torch.empty(B, w.shape[0], dtype=torch.float32)
+    fn = lib.rb_gemv_bf16 if w.dtype == torch.bfloat16 else lib.rb_gemv_f32
+    if fn(w.data_ptr(), x.data_ptr(), y.data_ptr(), B, w.shape[0], K, threads) != 0:
+        raise RuntimeError(f"gemv refused sizes B={B} N={w.shape[0]} K={K}")
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def self_check_errors(lib: ctypes.CDLL) -> dict[str, float]:
+    """Relative errors of the kernels against a float64 product: rows N = 1, 37 and 101 (not a
+    multiple of any block), K = 32 and 96, batches 1..19 (every block size, and groups of 8 with
+    a remainder), on 1 and 2 threads."""
+    g = torch.Generator().manual_seed(0)
+    errors: dict[str, float] = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        worst = 0.0
+        for N, K in ((1, 32), (37, 96), (101, 32)):
+            w = torch.randn(N, K, generator=g).to(dtype)
+            for B in range(1, 20):
+                x = torch.randn(B, K, generator=g).to(dtype)
+                ref = x.double() @ w.double().t()
+                for threads in (1, 2):
+                    y = _run(lib, x, w, threads).double()
+                    worst = max(worst, float((y - ref).abs().max()) / max(1.0, float(ref.abs().max())))
+        errors[str(dtype).removeprefix("torch.")] = worst
+    return errors
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> bool:
+    """True when the kernels built, run on this CPU and passed their self-check."""
+    lib = _library()
+    if lib is None:
+        return False
+    try:
+        errors = self_check_errors(lib)
+    except Exception as exc:
+        warnings.warn(f"gemv: the CPU decode kernel failed its self-check ({exc}); decoding uses "
+                      "torch's matmul", RuntimeWarning, stacklevel=2)
+        return False
+    bad = {k: v for k, v in errors.items() if not v <= TOLERANCE[getattr(torch, k)]}  # NaN is bad too
+    if bad:
+        warnings.warn(f"gemv: the CPU decode kernel disagrees with float64 ({bad}); decoding uses "
+                      "torch's matmul", RuntimeWarning, stacklevel=2)
+        return False
+    return True
+
+
+def applies(x: Tensor, w: Tensor) -> bool:
+    """Whether `linear(x, w)` runs the kernel: CPU tensors, x (B <= MAX_ROWS, K) and w (N, K)
+    contiguous, both float32 or both bfloat16, K a multiple of 32, no autograd."""
+    return (_enabled and x.dim() == 2 and w.dim() == 2 and x.device.type == "cpu" and w.device.type == "cpu"
+            and x.dtype == w.dtype and x.dtype in TOLERANCE and 1 <= x.shape[0] <= MAX_ROWS
+            and x.shape[1] == w.shape[1] and w.shape[1] % K_MULTIPLE == 0 and w.shape[0] >= 1
+            and x.is_contiguous() and w.is_contiguous()
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+            and available())
+
+
+def linear(x: Tensor, w: Tensor) -> Tensor:
+    """x (B, K) @ w (N, K)^T -> (B, N) in x's dtype, through the kernel (see `applies`)."""
+    if not applies(x, w):
+        raise ValueError("gemv.linear: the kernel does not apply to these tensors (see gemv.applies)")
+    lib = _library()
+    assert lib is not None
+    return _run(lib, x, w, torch.get_num_threads())

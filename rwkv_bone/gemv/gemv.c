@@ -1,0 +1,132 @@
+/* Few-row matrix products for one-token decoding on x86-64 CPUs with AVX-512 (rwkv_bone/gemv).
+
+   y[b, o] = sum_k W[o, k] x[b, k]     W (N, K) row-major, x (B, K), y (B, N) float32
+
+   W is float32 (with x float32: fp32 FMAs) or bfloat16 (with x bfloat16: vdpbf16ps, exact bf16
+   products summed in float32). At B <= 8 the product is bound by reading W once; the kernels
+   keep R rows of W x NB rows of x as R*NB float32 accumulators in registers, so each W vector is
+   loaded once and used NB times. Rows of W are split over OpenMP threads (torch's own libgomp:
+   same soname, so the same runtime and thread pool); batches of more than 8 rows reuse the R rows
+   of W from cache. Built by rwkv_bone/gemv/__init__.py with -O3 -march=native -fopenmp. */
+#include <stdint.h>
+#include <omp.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define RB_SUPPORTED 1
+
+#define FMA_F32(a, w, x) _mm512_fmadd_ps((w), (x), (a))
+#define FMA_BF16(a, w, x) _mm512_dpbf16_ps((a), (__m512bh)(w), (__m512bh)(x))
+
+/* One block: R rows of W (stride K) against NB rows of x (stride K); y rows stride ldy. */
+#define BLOCK(NAME, WT, VT, LOAD, STEP, FMA, R, NB)                                                   \
+    static void NAME##_r##R##_b##NB(const WT *W, const WT *x, int64_t K, float *y, int64_t ldy) {     \
+        __m512 acc[R][NB];                                                                            \
+        _Pragma("GCC unroll 32") for (int r = 0; r < R; r++)                                          \
+            _Pragma("GCC unroll 32") for (int b = 0; b < NB; b++) acc[r][b] = _mm512_setzero_ps();    \
+        for (int64_t k = 0; k < K; k += STEP) {                                                       \
+            VT w[R];                                                                                  \
+            _Pragma("GCC unroll 32") for (int r = 0; r < R; r++) {                                    \
+                w[r] = LOAD(W + r * K + k);                                                           \
+                _mm_prefetch((const char *)(W + r * K + k) + NAME##_PREFETCH, _MM_HINT_T0);           \
+            }                                                                                         \
+            _Pragma("GCC unroll 32") for (int b = 0; b < NB; b++) {                                   \
+                VT xb = LOAD(x + b * K + k);                                                          \
+                _Pragma("GCC unroll 32") for (int r = 0; r < R; r++) acc[r][b] = FMA(acc[r][b], w[r], xb); \
+            }                                                                                         \
+        }                                                                                             \
+        for (int r = 0; r < R; r++)                                                                   \
+            for (int b = 0; b < NB; b++) y[b * ldy + r] = _mm512_reduce_add_ps(acc[r][b]);            \
+    }
+
+/* Software prefetch distance along each row of W, in bytes (bench/bench_gemv.py: +10-30% for bf16
+   at B = 8, +0-8% for fp32; the hardware prefetcher alone falls behind on R rows per thread). */
+#define f32_PREFETCH 2048
+#define bf16_PREFETCH 1024
+#define LOAD_F32(p) _mm512_loadu_ps(p)
+#define LOAD_BF16(p) _mm512_loadu_si512((const void *)(p))
+
+#define BLOCKS(NAME, WT, VT, LOAD, STEP, FMA)                                                        \
+    BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 1, 1) BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 1, 2)            \
+    BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 1, 3) BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 1, 4)            \
+    BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 1, 5) BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 1, 6)            \
+    BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 1, 7) BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 1, 8)            \
+    BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 2, 1) BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 4, 2)            \
+    BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 4, 3) BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 4, 4)            \
+    BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 4, 5) BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 4, 6)            \
+    BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 3, 7) BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 3, 8)            \
+    BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 2, 2) BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 2, 4)            \
+    BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 2, 8) BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 3, 4)            \
+    BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 3, 6) BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 4, 1)            \
+    BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 3, 1) BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 3, 2)            \
+    BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 3, 3) BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 3, 5)
+
+BLOCKS(f32, float, __m512, LOAD_F32, 16, FMA_F32)
+BLOCKS(bf16, uint16_t, __m512i, LOAD_BF16, 32, FMA_BF16)
+
+typedef void (*block_fn)(const void *, const void *, int64_t, float *, int64_t);
+
+/* Rows of W per block for nb rows of x (1..8): chosen by bench/bench_gemv.py on a 2-core EPYC. */
+static int RB_ROWS[2][9] = {{0, 1, 4, 4, 4, 4, 4, 3, 3}, {0, 1, 1, 1, 4, 4, 4, 3, 3}};
+
+#define PICK(NAME, R, NB) if (r == R && nb == NB) return (block_fn)NAME##_r##R##_b##NB;
+#define PICKS(NAME)                                                                                   \
+    PICK(NAME, 1, 1) PICK(NAME, 1, 2) PICK(NAME, 1, 3) PICK(NAME, 1, 4) PICK(NAME, 1, 5)             \
+    PICK(NAME, 1, 6) PICK(NAME, 1, 7) PICK(NAME, 1, 8) PICK(NAME, 2, 1) PICK(NAME, 4, 2)             \
+    PICK(NAME, 4, 3) PICK(NAME, 4, 4) PICK(NAME, 4, 5) PICK(NAME, 4, 6) PICK(NAME, 3, 7)             \
+    PICK(NAME, 3, 8) PICK(NAME, 2, 2) PICK(NAME, 2, 4) PICK(NAME, 2, 8) PICK(NAME, 3, 4)             \
+    PICK(NAME, 3, 6) PICK(NAME, 4, 1) PICK(NAME, 3, 1) PICK(NAME, 3, 2) PICK(NAME, 3, 3)             \
+    PICK(NAME, 3, 5)
+
+static block_fn pick(int bf16, int r, int nb) {
+    if (bf16) { PICKS(bf16) } else { PICKS(f32) }
+    return 0;
+}
+
+int rb_gemv_get_rows(int bf16, int nb) { return nb >= 1 && nb <= 8 ? RB_ROWS[bf16 != 0][nb] : 0; }
+
+int rb_gemv_set_rows(int bf16, int nb, int r) {  /* for the benchmark's sweep; 0 when no such block */
+    if (nb < 1 || nb > 8 || !pick(bf16, r, nb)) return 0;
+    for (int m = 1; nb == 8 && m < 8; m++)  /* batches of more than 8 use R rows for the rest too */
+        if (!pick(bf16, r, m)) return 0;
+    RB_ROWS[bf16 != 0][nb] = r;
+    return 1;
+}
+
+/* y (B, N) = x (B, K) W (N, K)^T; K a multiple of 32. Returns 0, or -1 on bad sizes. Each thread
+   takes a contiguous range of blocks of W's rows and runs every group of 8 rows of x on a block
+   before the next, so W is read from memory once whatever B is. */
+static int gemv(int bf16, const void *W, const void *x, float *y, int64_t B, int64_t N, int64_t K, int threads) {
+    if (B < 1 || N < 1 || K < 32 || K % 32) return -1;
+    const int64_t esize = bf16 ? 2 : 4;
+    const char *Wc = (const char *)W, *xc = (const char *)x;
+    const int R = RB_ROWS[bf16 != 0][B < 8 ? B : 8];
+    const int rem = (int)(B % 8);
+    block_fn f8 = pick(bf16, R, 8), fr = rem ? pick(bf16, R, rem) : 0;
+    block_fn t8 = pick(bf16, 1, 8), tr = rem ? pick(bf16, 1, rem) : 0;
+#pragma omp parallel num_threads(threads)
+    {
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        int64_t groups = N / R, lo = groups * t / nt, hi = groups * (t + 1) / nt;
+        for (int64_t g = lo; g < hi; g++)
+            for (int64_t b0 = 0; b0 < B; b0 += 8)
+                (B - b0 >= 8 ? f8 : fr)(Wc + g * R * K * esize, xc + b0 * K * esize, K, y + b0 * N + g * R, N);
+        if (t == nt - 1)
+            for (int64_t o = groups * R; o < N; o++)
+                for (int64_t b0 = 0; b0 < B; b0 += 8)
+                    (B - b0 >= 8 ? t8 : tr)(Wc + o * K * esize, xc + b0 * K * esize, K, y + b0 * N + o, N);
+    }
+    return 0;
+}
+
+int rb_gemv_f32(const float *W, const float *x, float *y, int64_t B, int64_t N, int64_t K, int threads) {
+    return gemv(0, W, x, y, B, N, K, threads);
+}
+int rb_gemv_bf16(const uint16_t *W, const uint16_t *x, float *y, int64_t B, int64_t N, int64_t K, int threads) {
+    return gemv(1, W, x, y, B, N, K, threads);
+}
+#else
+#define RB_SUPPORTED 0
+#endif
+
+int rb_gemv_supported(void) { return RB_SUPPORTED; }
