@@ -377,16 +377,19 @@ STEP_BLOCK_ROWS = 32  # output rows per block of the batched float32 step produc
 
 
 def _step_linear(lin: nn.Module, x: Tensor) -> Tensor:
-    """lin(x) for x (B, in). A plain float32 nn.Linear with 3 or more rows and a wide output is computed
+    """lin(x) for x (B, in). A plain bias-free CPU nn.Linear with up to gemv.MAX_ROWS rows in fp32 or
+    bf16 goes through the few-row kernel of rwkv_bone/gemv where it runs. Otherwise (no kernel, more
+    rows) a plain float32 nn.Linear with 3 or more rows and a wide output is computed
     as one bmm over blocks of STEP_BLOCK_ROWS weight rows: at a few rows the (B, in) x (in, out)
     product is bound by reading the weight once, but MKL's sgemm for small B runs at about a third
     of that bandwidth (B = 8, C = 2048: ~11 GB/s, against ~29 GB/s at B <= 2; bench/bench_eval.py),
     while the blocked bmm streams the same bytes at ~17-21 GB/s (32-row blocks: 5-13% faster than 64 on
     the 2048x2048, 7168x2048, 2048x7168 and 65536x2048 weights, 128 and 256 slower). Same products and sums (the tests
-    compare it with lin(x)); anything else (an adapter, bf16, batch 1) is just lin(x)."""
+    compare it with lin(x)); anything else (an adapter, bf16, batch 1 or 2) is just lin(x)."""
     w = lin.weight if type(lin) is nn.Linear else None
-    if w is not None and lin.bias is None and gemv.applies(x, w):
-        return gemv.linear(x, w)  # the few-row CPU kernel: fp32 or bf16, B <= 16 (rwkv_bone/gemv)
+    y = gemv.try_linear(x, w) if w is not None and lin.bias is None else None
+    if y is not None:
+        return y  # the few-row CPU kernel: fp32 or bf16, B <= 16 (rwkv_bone/gemv)
     if (w is None or lin.bias is not None or x.dim() != 2 or x.shape[0] < 3 or x.dtype != torch.float32
             or w.dtype != torch.float32 or w.shape[0] < 16 * STEP_BLOCK_ROWS or w.shape[0] % STEP_BLOCK_ROWS
             or not w.is_contiguous()):

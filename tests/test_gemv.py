@@ -56,6 +56,7 @@ def test_applies_only_to_contiguous_same_dtype_cpu_inputs_without_autograd(monke
         assert not gemv.applies(x, w.detach())
     finally:
         gemv.set_enabled(previous)
+    assert gemv.try_linear(torch.randn(4, 48), torch.randn(64, 48)) is None
     with pytest.raises(ValueError, match="does not apply"):
         gemv.linear(torch.randn(4, 48), torch.randn(64, 48))
 

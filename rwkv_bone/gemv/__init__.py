@@ -2,10 +2,10 @@
 
 At decode time a model step multiplies a handful of rows by every weight matrix, so its cost is
 reading the weights once. torch's CPU matmul does not stream them at the memory's speed for
-few rows (bench/bench_gemv.py, 2-core EPYC, L24 C2048 weight shapes: fp32 about 22 GB/s at
-B = 1 and 10-13 GB/s at B = 2..8; bf16 about 25 GB/s), while a kernel that loads each vector of
-W once and keeps R x B accumulators in registers reads them at 44-48 GB/s at B = 1 and
-26-29 GB/s at B = 8 (gemv.c). Math: y[b, o] = sum_k W[o, k] x[b, k], float32 accumulation; fp32
+few rows (bench/bench_gemv.py, 2-core EPYC, L24 C2048 weight shapes, bench/results/bench_gemv.txt:
+fp32 22 GB/s at B = 1 and 10-12 GB/s at B = 2..16; bf16 21-29 GB/s), while a kernel that loads
+each vector of W once and keeps R x B accumulators in registers reads them at 44-45 GB/s at B = 1
+and 27-33 GB/s at B = 8 (gemv.c). Math: y[b, o] = sum_k W[o, k] x[b, k], float32 accumulation; fp32
 W with fp32 x (FMAs), bf16 W with bf16 x (vdpbf16ps: exact bf16 products summed in float32, as
 torch's bf16 matmul sums them), the result rounded to x's dtype.
 
@@ -37,7 +37,7 @@ from torch import Tensor
 
 SOURCE = Path(__file__).with_name("gemv.c")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
-MAX_ROWS = 16  # batches above this go to torch's matmul (whose sgemm is efficient by then)
+MAX_ROWS = 16  # the largest batch bench_gemv.py measured (fp32 2.25x torch, bf16 0.95x); above: torch
 K_MULTIPLE = 32  # the kernels step over K in vectors of 16 fp32 / 32 bf16 values
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # max |y - ref| / max(1, max |ref|)
 _enabled = True
@@ -170,10 +170,17 @@ def applies(x: Tensor, w: Tensor) -> bool:
             and available())
 
 
-def linear(x: Tensor, w: Tensor) -> Tensor:
-    """x (B, K) @ w (N, K)^T -> (B, N) in x's dtype, through the kernel (see `applies`)."""
+def try_linear(x: Tensor, w: Tensor) -> Optional[Tensor]:
+    """x (B, K) @ w (N, K)^T -> (B, N) in x's dtype through the kernel, or None when it does not
+    apply (see `applies`): one check, for the decode step's hot path."""
     if not applies(x, w):
+        return None
+    return _run(_library(), x, w, torch.get_num_threads())
+
+
+def linear(x: Tensor, w: Tensor) -> Tensor:
+    """`try_linear` for a caller that knows the kernel applies; ValueError if it does not."""
+    y = try_linear(x, w)
+    if y is None:
         raise ValueError("gemv.linear: the kernel does not apply to these tensors (see gemv.applies)")
-    lib = _library()
-    assert lib is not None
-    return _run(lib, x, w, torch.get_num_threads())
+    return y

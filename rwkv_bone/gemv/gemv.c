@@ -46,23 +46,19 @@
 #define LOAD_F32(p) _mm512_loadu_ps(p)
 #define LOAD_BF16(p) _mm512_loadu_si512((const void *)(p))
 
-#define BLOCKS(NAME, WT, VT, LOAD, STEP, FMA)                                                        \
-    BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 1, 1) BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 1, 2)            \
-    BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 1, 3) BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 1, 4)            \
-    BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 1, 5) BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 1, 6)            \
-    BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 1, 7) BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 1, 8)            \
-    BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 2, 1) BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 4, 2)            \
-    BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 4, 3) BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 4, 4)            \
-    BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 4, 5) BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 4, 6)            \
-    BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 3, 7) BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 3, 8)            \
-    BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 2, 2) BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 2, 4)            \
-    BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 2, 8) BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 3, 4)            \
-    BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 3, 6) BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 4, 1)            \
-    BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 3, 1) BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 3, 2)            \
-    BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 3, 3) BLOCK(NAME, WT, VT, LOAD, STEP, FMA, 3, 5)
+/* Every block shape (R, NB) that exists, once: each row of RB_ROWS picks among them, and batches
+   of more than 8 need R with every NB. SHAPES(X, args...) expands X(args..., R, NB) for each. */
+#define SHAPES(X, ...)                                                                                \
+    X(__VA_ARGS__, 1, 1) X(__VA_ARGS__, 1, 2) X(__VA_ARGS__, 1, 3) X(__VA_ARGS__, 1, 4)              \
+    X(__VA_ARGS__, 1, 5) X(__VA_ARGS__, 1, 6) X(__VA_ARGS__, 1, 7) X(__VA_ARGS__, 1, 8)              \
+    X(__VA_ARGS__, 2, 1) X(__VA_ARGS__, 2, 2) X(__VA_ARGS__, 2, 4) X(__VA_ARGS__, 2, 8)              \
+    X(__VA_ARGS__, 3, 1) X(__VA_ARGS__, 3, 2) X(__VA_ARGS__, 3, 3) X(__VA_ARGS__, 3, 4)              \
+    X(__VA_ARGS__, 3, 5) X(__VA_ARGS__, 3, 6) X(__VA_ARGS__, 3, 7) X(__VA_ARGS__, 3, 8)              \
+    X(__VA_ARGS__, 4, 1) X(__VA_ARGS__, 4, 2) X(__VA_ARGS__, 4, 3) X(__VA_ARGS__, 4, 4)              \
+    X(__VA_ARGS__, 4, 5) X(__VA_ARGS__, 4, 6)
 
-BLOCKS(f32, float, __m512, LOAD_F32, 16, FMA_F32)
-BLOCKS(bf16, uint16_t, __m512i, LOAD_BF16, 32, FMA_BF16)
+SHAPES(BLOCK, f32, float, __m512, LOAD_F32, 16, FMA_F32)
+SHAPES(BLOCK, bf16, uint16_t, __m512i, LOAD_BF16, 32, FMA_BF16)
 
 typedef void (*block_fn)(const void *, const void *, int64_t, float *, int64_t);
 
@@ -70,16 +66,8 @@ typedef void (*block_fn)(const void *, const void *, int64_t, float *, int64_t);
 static int RB_ROWS[2][9] = {{0, 1, 4, 4, 4, 4, 4, 3, 3}, {0, 1, 1, 1, 4, 4, 4, 3, 3}};
 
 #define PICK(NAME, R, NB) if (r == R && nb == NB) return (block_fn)NAME##_r##R##_b##NB;
-#define PICKS(NAME)                                                                                   \
-    PICK(NAME, 1, 1) PICK(NAME, 1, 2) PICK(NAME, 1, 3) PICK(NAME, 1, 4) PICK(NAME, 1, 5)             \
-    PICK(NAME, 1, 6) PICK(NAME, 1, 7) PICK(NAME, 1, 8) PICK(NAME, 2, 1) PICK(NAME, 4, 2)             \
-    PICK(NAME, 4, 3) PICK(NAME, 4, 4) PICK(NAME, 4, 5) PICK(NAME, 4, 6) PICK(NAME, 3, 7)             \
-    PICK(NAME, 3, 8) PICK(NAME, 2, 2) PICK(NAME, 2, 4) PICK(NAME, 2, 8) PICK(NAME, 3, 4)             \
-    PICK(NAME, 3, 6) PICK(NAME, 4, 1) PICK(NAME, 3, 1) PICK(NAME, 3, 2) PICK(NAME, 3, 3)             \
-    PICK(NAME, 3, 5)
-
 static block_fn pick(int bf16, int r, int nb) {
-    if (bf16) { PICKS(bf16) } else { PICKS(f32) }
+    if (bf16) { SHAPES(PICK, bf16) } else { SHAPES(PICK, f32) }
     return 0;
 }
 
