@@ -3,7 +3,7 @@ and its fallbacks: a CPU or build where it cannot run, and a kernel that disagre
 import pytest
 import torch
 
-from rwkv_bone import gemv
+from rwkv_bone import gemv, native
 
 needs_kernel = pytest.mark.skipif(not gemv.available(), reason="the CPU decode kernel needs AVX-512 BF16 and a C compiler")
 
@@ -96,7 +96,7 @@ def _fresh(monkeypatch, tmp_path):
 def test_a_failing_compiler_warns_once_and_falls_back_to_torch(monkeypatch, tmp_path):
     _fresh(monkeypatch, tmp_path)
     monkeypatch.setenv("CC", "false")  # exits 1 for any arguments
-    monkeypatch.setattr(gemv, "compiler", lambda: "/bin/false")
+    monkeypatch.setattr(native, "compiler", lambda: "/bin/false")
     try:
         with pytest.warns(RuntimeWarning, match="CPU decode kernel is not available"):
             assert gemv.available() is False

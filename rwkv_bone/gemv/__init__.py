@@ -22,18 +22,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import shutil
-import subprocess
-import sysconfig
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from .. import native
 
 SOURCE = Path(__file__).with_name("gemv.c")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
@@ -51,42 +47,9 @@ def set_enabled(flag: bool) -> bool:
     return previous
 
 
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "rwkv_bone"
-
-
-def compiler() -> Optional[str]:
-    """The C compiler: $CC, else the one Python was built with, else cc / gcc / clang on PATH."""
-    names = [os.environ.get("CC", ""), (sysconfig.get_config_var("CC") or "").split(" ")[0], "cc", "gcc", "clang"]
-    for name in names:
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
 def build() -> Path:
-    """Compile gemv.c (or reuse the cached build) and return the shared library's path."""
-    cc = compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler found (set CC or install gcc)")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + repr((CFLAGS, cc, version)).encode()).hexdigest()[:16]
-    out = cache_dir() / f"gemv-{key}.so"
-    if out.is_file():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".gemv-", suffix=".so")
-    os.close(fd)
-    try:
-        done = subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-500:]}")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return out
+    """Compile gemv.c (or reuse the cached build, see rwkv_bone/native.py); the library's path."""
+    return native.build(SOURCE, CFLAGS)
 
 
 @functools.lru_cache(maxsize=None)
