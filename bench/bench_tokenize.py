@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from rwkv_bone.data.prepare import PrepareOptions, prepare  # noqa: E402
 from rwkv_bone.data.tokenizer import WorldTokenizer, world_vocab_path  # noqa: E402
+from rwkv_bone.data.world_trie import TrieWorldTokenizer  # noqa: E402
 
 COMMON = ("the of and to in a is that for it as was with be by on not he I this are or his from at "
           "which but have an they you were her she there been one all we their has would when if "
@@ -142,6 +143,9 @@ def main() -> None:
     ref = [official.encode(d) for d in docs]  # warm-up, and the ids to check against
     ntok = sum(map(len, ref))
     want_bin = np.concatenate([np.array(r + [0], dtype=np.uint16) for r in ref])
+    want_ids = want_bin[want_bin != 0]  # every document's ids, one after another (no id is 0)
+    trie, why = TrieWorldTokenizer.create()
+    assert trie is not None, why
     best: dict[str, float] = {}
     cpu: dict[str, float] = {}
 
@@ -161,6 +165,13 @@ def main() -> None:
 
     def native_single() -> None:
         assert [native.encode(d) for d in docs] == ref, "pyrwkv ids differ from the official tokenizer"
+
+    def trie_single() -> None:
+        assert [trie.encode(d) for d in docs] == ref, "C trie ids differ from the official tokenizer"
+
+    def trie_flat() -> None:
+        parts = [trie.encode_flat(docs[i:i + 64])[0] for i in range(0, len(docs), 64)]
+        assert np.array_equal(np.concatenate(parts), want_ids), "C trie ids differ from the official tokenizer"
 
     def native_batch() -> None:
         got = [ids for i in range(0, len(docs), 64) for ids in native.encode_batch(docs[i:i + 64])]
@@ -201,10 +212,12 @@ def main() -> None:
         for _ in range(args.repeats):  # interleaved, best of N: the machine is shared
             timed("official TRIE_TOKENIZER, 1 process", lambda: [official.encode(x) for x in docs])
             timed("ours WorldTokenizer (Python), 1 process", ours_single)
+            timed("ours C trie encode, 1 process", trie_single)
+            timed("ours C trie encode_flat(64 docs), 1 thread", trie_flat)
             timed("pyrwkv-tokenizer encode, 1 process", native_single)
             timed("pyrwkv-tokenizer encode_batch(64 docs)", native_batch)
             for w in workers:
-                timed(f"make_data.py run (pyrwkv), {w} worker(s)", lambda w=w: make_data(w))
+                timed(f"make_data.py run (C trie), {w} worker(s)", lambda w=w: make_data(w))
             timed("make_data pipeline (Python tok.), 1 worker", python_pipeline)
             timed("make_data.py start-up only (1-doc file)", startup)
     base_name = "official TRIE_TOKENIZER, 1 process"

@@ -369,3 +369,57 @@ def test_a_passed_native_check_is_remembered_only_for_the_same_vocab_and_build(t
         f.write("{not json")
     n = len(checks)
     assert world_native.NativeWorldTokenizer.create()[0] is not None and len(checks) == n + 1
+
+
+def test_the_block_reader_cuts_whole_lines_and_numbers_them(tmp_path):
+    """_read_blocks on random files (CR, tabs, blank lines, a last line without newline, a BOM)
+    at tiny sizes: the blocks rejoin to the file less its BOM, each holds whole lines (at most
+    max_lines) and starts at the right line number."""
+    import random
+
+    from rwkv_bone.data.prepare import _read_blocks
+
+    rng = random.Random(0)
+    path = tmp_path / "f.jsonl"
+    for _ in range(500):
+        data = b"".join(bytes(rng.choice(b"ab \r\t") for _ in range(rng.randint(0, 40))) + b"\n"
+                        for _ in range(rng.randint(0, 30)))
+        data += b"tail" * rng.randint(0, 3) if rng.random() < 0.5 else b""
+        data = b"\xef\xbb\xbf" + data if rng.random() < 0.3 else data
+        path.write_bytes(data)
+        max_lines, max_bytes = rng.randint(1, 7), rng.randint(1, 50)
+        blocks = list(_read_blocks(str(path), max_lines, max_bytes))
+        assert b"".join(b.data for b in blocks) == data.removeprefix(b"\xef\xbb\xbf")
+        line = 1
+        for b in blocks:
+            assert b.first == line and b.data and b.data.count(b"\n") <= max_lines
+            assert b is blocks[-1] or b.data.endswith(b"\n")
+            line += b.data.count(b"\n")
+
+
+def test_a_block_of_lines_encodes_as_the_same_lines_one_record_at_a_time():
+    """The worker's two inputs (a block of raw lines; a list of records) give the same ids,
+    sizes, masks and errors with their line numbers, on the lines the fast path takes and the
+    ones it leaves to json.loads and the general path."""
+    from rwkv_bone.data.prepare import _Block, _Encoder, _read_records
+    from rwkv_bone.data.tokenizer import load_tokenizer, token_dtype
+
+    lines = [b'{"text": "plain \\u00e9 \\n x"}', b'  {"text": "padded"}  ', b'{"text": 5}', b"",
+             "\u3000".encode(), b'{"query": "q", "response": "r"}', b"\r", b'{"text": "crlf"}\r',
+             b'{"text": "bad \xff byte"}', b"[1, 2]", b'{"other": "x"}', b"{not json", b" \t ",
+             b'{"text": "a"} {"text": "b"}', b'{"text": "\\ud800"}', b'{"instruction": "i", "output": "o"}',
+             b'\xef\xbb\xbf{"text": "inner bom"}', b'{"text": "last"}']
+    data = b"\n".join(lines)
+    tok = load_tokenizer(None)
+    enc = _Encoder(tok, PrepareOptions("x.jsonl", "out"), "jsonl", token_dtype(tok.vocab_size))
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".jsonl") as f:
+        f.write(data)
+        f.flush()
+        records = list(_read_records(f.name, "jsonl", "lines"))
+    a, b = enc.encode_batch(_Block(1, data)), enc.encode_batch((records, len(data)))
+    assert a.tokens.tolist() == b.tokens.tolist() and a.sizes.tolist() == b.sizes.tolist()
+    assert a.masks.tolist() == b.masks.tolist() and a.errors == b.errors and a.nbytes == b.nbytes
+    assert [line for line, _ in a.errors] == [3, 5, 9, 10, 11, 12, 14, 15, 17]
+    assert len(a.sizes) == 6  # plain, padded, qa, crlf, instruction and last

@@ -37,6 +37,8 @@ def test_wheel_ships_cuda_sources_and_the_unpacked_package_finds_them(tmp_path):
             == (REPO / "cuda" / "wkv6_cuda.cu").read_bytes())
     assert (zipfile.ZipFile(wheel).read("rwkv_bone/gemv/gemv.c")  # the CPU decode kernel's source
             == (REPO / "rwkv_bone" / "gemv" / "gemv.c").read_bytes())
+    assert (zipfile.ZipFile(wheel).read("rwkv_bone/data/world_trie.c")  # the World tokenizer's trie
+            == (REPO / "rwkv_bone" / "data" / "world_trie.c").read_bytes())
     # The unpacked wheel, alone on the path (no checkout around it), resolves its own copy.
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)

@@ -1,5 +1,6 @@
 """pyrwkv-tokenizer for the World vocab: same ids as ours and the official one, checked at start,
-fallback with one line when it differs or is missing, identical make_data output."""
+fallback with one line when it differs or is missing, identical make_data output. make_data's
+first choice is our C trie (test_tokenizer_trie.py); the fallback tests here take it away."""
 from __future__ import annotations
 
 import os
@@ -38,6 +39,14 @@ def native() -> NativeWorldTokenizer:
     tok, why = NativeWorldTokenizer.create()
     assert tok is not None, why
     return tok
+
+
+@pytest.fixture
+def no_trie(monkeypatch):
+    """As on a machine where our C trie does not build: pyrwkv-tokenizer is make_data's choice."""
+    from rwkv_bone.data.world_trie import TrieWorldTokenizer
+
+    monkeypatch.setattr(TrieWorldTokenizer, "create", classmethod(lambda cls, path=None: (None, "no C trie")))
 
 
 @pytest.fixture(scope="module")
@@ -81,13 +90,15 @@ def test_probe_covers_every_byte_class():
     assert len(set(data)) > 200  # nearly every byte value occurs (UTF-8 never has 0xC0, 0xC1, 0xF5+)
 
 
-def test_load_tokenizer_native_for_world_only(tmp_path, native):
-    assert isinstance(load_tokenizer(None, native=True), NativeWorldTokenizer)
+def test_load_tokenizer_native_for_world_only(tmp_path, native, no_trie):
+    lines: list[str] = []
+    assert isinstance(load_tokenizer(None, native=True, warn=lines.append), NativeWorldTokenizer)
+    assert lines == ["note: no C trie; using pyrwkv-tokenizer (same ids)"]
     assert isinstance(load_tokenizer(None), WorldTokenizer)  # generate.py etc.: Python, decode_bytes
     lines = [f"{b + 1} {bytes([b])!r} 1" for b in range(256)] + ["257 'ab' 2"]
     path = tmp_path / "vocab.txt"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    custom = load_tokenizer(str(path), native=True)
+    custom = load_tokenizer(str(path), native=True, warn=lambda line: None)  # pyrwkv: World vocab only
     assert isinstance(custom, WorldTokenizer) and custom.encode("abc") == [257, ord("c") + 1]
 
 
@@ -102,7 +113,7 @@ class _WrongOnCJK:
         return ids[::-1] if len(ids) > 1 and "北京" in text else ids
 
 
-def test_probe_difference_falls_back_with_one_line(monkeypatch):
+def test_probe_difference_falls_back_with_one_line(monkeypatch, no_trie):
     import pyrwkv_tokenizer
 
     monkeypatch.setattr(pyrwkv_tokenizer, "RWKVTokenizer", _WrongOnCJK)
@@ -126,11 +137,11 @@ def test_table_difference_is_caught(monkeypatch):
     assert tok is None and "encodes vocab token" in why and "' the'" in why
 
 
-def test_missing_package_falls_back(monkeypatch, capsys):
+def test_missing_package_falls_back(monkeypatch, capsys, no_trie):
     monkeypatch.setitem(sys.modules, "pyrwkv_tokenizer", None)  # import raises ImportError
     assert isinstance(load_tokenizer(None, native=True), WorldTokenizer)
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["note: pyrwkv-tokenizer is not installed; using the built-in Python World "
+    assert err == ["note: no C trie, and pyrwkv-tokenizer is not installed; using the built-in Python World "
                    "tokenizer (same ids, slower)"]
 
 
@@ -139,7 +150,9 @@ def test_native_pickles_for_spawned_workers(native):
     assert clone.encode("héllo 世界") == native.encode("héllo 世界")
 
 
-def test_make_data_native_and_python_write_identical_files(tmp_path):
+def test_make_data_trie_pyrwkv_and_python_write_identical_files(tmp_path, monkeypatch):
+    from rwkv_bone.data.world_trie import TrieWorldTokenizer
+
     import json
 
     src = tmp_path / "c.jsonl"
@@ -147,12 +160,18 @@ def test_make_data_native_and_python_write_identical_files(tmp_path):
     recs = [{"text": d} for d in docs] + [{"query": "问题 " + d[:20], "response": d[-30:]} for d in docs[:5]]
     src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
     out = {}
-    for name, native, workers in (("py", False, 1), ("rs1", True, 1), ("rs2", True, 2)):
+    real_create = TrieWorldTokenizer.create
+    for name, native, workers in (("py", False, 1), ("c1", True, 1), ("c2", True, 2), ("rs1", True, 1),
+                                  ("rs2", True, 2)):
+        if name.startswith("rs"):
+            monkeypatch.setattr(TrieWorldTokenizer, "create", classmethod(lambda cls, path=None: (None, "off")))
+        elif native:
+            assert isinstance(real_create()[0], TrieWorldTokenizer)
         prepare(PrepareOptions(str(src), str(tmp_path / name), native_tokenizer=native,
                                workers=workers, progress=False, batch_docs=7))
         out[name] = {ext: (tmp_path / (name + ext)).read_bytes()
                      for ext in (".bin", ".idx", ".mask.bin", ".mask.idx")}
-    assert out["py"] == out["rs1"] == out["rs2"]
+    assert out["py"] == out["c1"] == out["c2"] == out["rs1"] == out["rs2"]
     ds = MMapIndexedDataset(str(tmp_path / "py"))
     assert len(ds) == len(recs) and ds.get(0).tolist() == WorldTokenizer().encode(docs[0]) + [0]
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f or f.startswith(".")]

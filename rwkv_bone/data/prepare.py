@@ -27,9 +27,10 @@ Outputs (PREFIX = --output)
   documents are all 1. A trainer uses loss mask = mask[1:] for targets y = doc[1:].
 All files go to temporary names first and are renamed at the end: an error leaves nothing behind.
 
-Tokeniser: --tokenizer (default RWKV World). The World vocab is encoded by pyrwkv-tokenizer (Rust)
-once its ids equal our reference on a start-up check (data/world_native.py), else, with one line
-on stderr, by the Python WorldTokenizer; custom vocab files use the Python one.
+Tokeniser: --tokenizer (default RWKV World). World-format vocabs are encoded by our C byte trie
+(data/world_trie.py) once its ids equal our reference on a start-up check, else (the World vocab)
+by pyrwkv-tokenizer after the same check, else, with one line on stderr, by the Python
+WorldTokenizer. Encoded ids go straight into arrays: no Python list per document.
 
 Streaming: the input is read line by line in batches; batches are tokenised by a pool of worker
 processes (order preserved, a bounded number in flight) and appended to the .bin as they arrive;
@@ -40,6 +41,8 @@ from __future__ import annotations
 
 import gc
 import itertools
+import json
+import json.scanner
 import multiprocessing as mp
 import os
 import signal
@@ -47,7 +50,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field, fields
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -71,7 +74,7 @@ class PrepareOptions(RecordFormat):
     input: str
     output: str
     tokenizer: str | None = None           # None: RWKV World; a tokenizer.json; a World vocab .txt
-    native_tokenizer: bool = True          # World vocab: pyrwkv-tokenizer after its start-up check
+    native_tokenizer: bool = True          # World vocabs: the C trie (or pyrwkv) after its start-up check
     input_format: str | None = None        # "jsonl" | "txt"; None: from the file extension
     txt_mode: str = "blocks"
     epochs: int = 1
@@ -81,7 +84,7 @@ class PrepareOptions(RecordFormat):
     workers: int | None = None             # None: os.cpu_count()
     skip_bad: bool = False
     progress: bool = True
-    batch_docs: int = 64
+    batch_docs: int = 4096                 # records (or lines) per batch a worker encodes
     batch_bytes: int = 1 << 18
 
 
@@ -117,6 +120,23 @@ class _Encoded:
     nbytes: int
 
 
+_SCAN = json.scanner.make_scanner(json.JSONDecoder())  # (text, start) -> (value, end) or StopIteration
+
+
+@dataclass(frozen=True)
+class _Block:
+    """Whole lines of a .jsonl file (or of a .txt read per line), from line `first` on, blank
+    lines included: what the reader hands a worker, so that splitting, decoding and parsing the
+    lines is the workers' work, not the reading process's."""
+    first: int
+    data: bytes
+
+
+# The whitespace bytes.strip() removes: a line of only these is blank (str.strip() would also drop
+# Unicode spaces such as U+3000, which are text).
+_BLANK = " \t\n\r\x0b\x0c"
+
+
 def record_format(o: PrepareOptions) -> RecordFormat:
     """The record format (fields, templates) alone, as a plain RecordFormat."""
     return RecordFormat(**{f.name: getattr(o, f.name) for f in fields(RecordFormat)})
@@ -136,22 +156,37 @@ class _Encoder:
             return None, text
         return self.fmt.render_line(text)
 
-    def _encode_all(self, texts: list[str]) -> list[list[int] | RecordError]:
-        """Token ids of every text, one tokenizer call for all when the tokenizer has a batch call
-        (encode_many); a text it cannot encode gives its RecordError in its place (encode_text)."""
-        many = getattr(self.tok, "encode_many", None)
-        if many is not None:
+    def _encode_all(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, dict[int, RecordError]]:
+        """(ids, counts, bad): every text's ids one after another, each text's number of ids, and
+        the RecordError of each text that could not be encoded (its count is 0). One tokenizer call
+        for all texts when the tokenizer has a batch call (encode_flat straight into an array, or
+        encode_many); on a failure, text by text to find which (encode_text)."""
+        flat = getattr(self.tok, "encode_flat", None)
+        if flat is not None:
             try:
-                return many(texts)
+                ids, counts = flat(texts)
+                return ids.astype(self.dtype, copy=False), counts, {}
             except Exception:  # noqa: BLE001 - some text is bad: find which, one by one below
                 pass
-        out: list[list[int] | RecordError] = []
-        for text in texts:
+        lists: list[list[int] | RecordError] | None = None
+        many = getattr(self.tok, "encode_many", None)
+        if many is not None and flat is None:
             try:
-                out.append(encode_text(self.tok, text, self.o.tokenizer))
-            except RecordError as e:
-                out.append(e)
-        return out
+                lists = many(texts)
+            except Exception:  # noqa: BLE001 - as above
+                pass
+        if lists is None:
+            lists = []
+            for text in texts:
+                try:
+                    lists.append(encode_text(self.tok, text, self.o.tokenizer))
+                except RecordError as e:
+                    lists.append(e)
+        bad = {i: e for i, e in enumerate(lists) if isinstance(e, RecordError)}
+        counts = np.array([0 if i in bad else len(x) for i, x in enumerate(lists)], dtype=np.int64)
+        good = (x for x in lists if not isinstance(x, RecordError))
+        ids = np.fromiter(itertools.chain.from_iterable(good), dtype=self.dtype, count=int(counts.sum()))
+        return ids, counts, bad
 
     def _decode(self, lineno: int, raw: bytes) -> str:
         try:
@@ -162,55 +197,87 @@ class _Encoder:
             raise RecordError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {col}); "
                               "re-encode the file as UTF-8", line) from None
 
-    def encode_batch(self, batch: tuple[list[tuple[int, bytes]], int]) -> _Encoded:
-        """Parse every record of the batch, encode all their texts in one tokenizer call, then
-        assemble the documents in record order (the same ids and errors as record by record)."""
-        records, nbytes = batch
+    def _block_lines(self, block: _Block) -> list[tuple[int, str | bytes]]:
+        """(line number, text) of each non-blank line of `block`, decoded in one call; a block
+        that is not valid UTF-8 gives its lines as bytes, for _decode to name the bad one."""
+        try:
+            lines: Sequence[str | bytes] = block.data.decode("utf-8").split("\n")
+            blank, cr = _BLANK, "\r"
+        except UnicodeDecodeError:
+            lines, blank, cr = block.data.split(b"\n"), _BLANK.encode(), b"\r"
+        first = block.first
+        return [(first + k, line.rstrip(cr)) for k, line in enumerate(lines) if line.strip(blank)]  # type: ignore
+
+    def encode_batch(self, batch: _Block | tuple[list[tuple[int, bytes]], int]) -> _Encoded:
+        """Parse every record of the batch (a block of lines, or (records, bytes)), encode all their
+        texts in one tokenizer call, then assemble the documents in record order (the same ids
+        and errors as record by record)."""
+        if isinstance(batch, _Block):
+            records: Sequence[tuple[int, str | bytes]] = self._block_lines(batch)
+            nbytes = len(batch.data)
+        else:
+            records, nbytes = batch
         errors: list[tuple[int, int, str]] = []   # (record index, line, message) of skipped records
         texts: list[str] = []
         parsed: list[tuple[int, int, bool]] = []  # (record index, line, has a prompt)
+        # The common record, a JSON object whose text field is a string (format auto or text), in
+        # a few steps: json's own C scanner on the whole line (json.loads minus its Python frames;
+        # a line it does not take whole, e.g. padded with spaces, goes to json.loads); anything
+        # else, errors included, takes the general path (_parse).
+        plain = self.kind == "jsonl" and self.fmt.format in ("auto", "text")
+        field, scan, add_text, add_doc = self.fmt.text_field, _SCAN, texts.append, parsed.append
         for i, (lineno, raw) in enumerate(records):
+            if plain and type(raw) is str:
+                try:
+                    rec, end = scan(raw, 0)
+                except (StopIteration, ValueError):
+                    rec, end = None, 0
+                body = rec.get(field) if type(rec) is dict and end == len(raw) else None
+                if type(body) is str:
+                    add_text(body)
+                    add_doc((i, lineno, False))
+                    continue
             try:
-                prompt, body = self._parse(self._decode(lineno, raw))
+                prompt, body = self._parse(raw if isinstance(raw, str) else self._decode(lineno, raw))
             except RecordError as e:
                 errors.append((i, e.line or lineno, e.message))
                 continue
             if prompt is not None:
-                texts.append(prompt)
-            texts.append(body)
-            parsed.append((i, lineno, prompt is not None))
-        encoded = iter(self._encode_all(texts))
-        parts: list[Sequence[int]] = []           # prompt ids, body ids, (EOD_ID,) of each document
-        sizes: list[int] = []
-        prompts: list[tuple[int, int]] = []       # (offset in batch, prompt length) of instruction docs
-        total = 0
-        for i, lineno, has_prompt in parsed:
-            p_ids = next(encoded) if has_prompt else []
-            b_ids = next(encoded)
-            bad = p_ids if isinstance(p_ids, RecordError) else b_ids if isinstance(b_ids, RecordError) else None
-            size = 0 if bad else len(p_ids) + len(b_ids) + 1
-            if size > MAX_ITEM:
-                bad = RecordError(f"document of {size} tokens exceeds the binidx limit of {MAX_ITEM}")
-            if bad is not None:
-                errors.append((i, bad.line or lineno, bad.message))
-                continue
-            if has_prompt:
-                prompts.append((total, len(p_ids)))
-            parts += (p_ids, b_ids, _EOD)
-            sizes.append(size)
-            total += size
-        # One pass from the id lists into the array (no flat Python list in between).
-        tokens = np.fromiter(itertools.chain.from_iterable(parts), dtype=self.dtype, count=total)
+                add_text(prompt)
+            add_text(body)
+            add_doc((i, lineno, prompt is not None))
+        ids, counts, bad_texts = self._encode_all(texts)
+        # Per document: its body's text index, its prompt's (-1: none), its size with the final 0.
+        n = len(parsed)
+        has_prompt = np.array([p[2] for p in parsed], dtype=bool)
+        body = np.cumsum(has_prompt.astype(np.int64) + 1) - 1 if n else np.zeros(0, np.int64)
+        prompt = np.where(has_prompt, body - 1, -1)
+        p_len = np.where(has_prompt, counts[np.maximum(prompt, 0)] if n else 0, 0)
+        sizes = p_len + counts[body] + 1
+        doomed = set(np.flatnonzero(sizes > MAX_ITEM).tolist())
+        if bad_texts:
+            doomed |= {d for d in range(n) if int(prompt[d]) in bad_texts or int(body[d]) in bad_texts}
+        keep = np.ones(n, dtype=bool)
+        for d in sorted(doomed):    # a text that failed to encode is named before an overlong document
+            i, lineno, _ = parsed[d]
+            e = bad_texts.get(int(prompt[d])) or bad_texts.get(int(body[d])) or RecordError(
+                f"document of {int(sizes[d])} tokens exceeds the binidx limit of {MAX_ITEM}")
+            errors.append((i, e.line or lineno, e.message))
+            keep[d] = False
+        # The documents' tokens: each one's prompt and body ids (adjacent in `ids`), then 0.
+        ends = np.cumsum(counts)[body] if n else np.zeros(0, np.int64)
+        tokens = np.insert(ids, ends, EOD_ID)
+        if not keep.all():
+            tokens = tokens[np.repeat(keep, sizes)]
+            sizes, p_len, has_prompt = sizes[keep], p_len[keep], has_prompt[keep]
         masks = None
-        if prompts:
-            masks = np.ones(tokens.size, dtype=np.uint8)
-            for start, n in prompts:
-                masks[start:start + n] = 0
+        if has_prompt.any():  # 0 on prompt tokens, 1 on the body and its 0
+            values = np.tile(np.array([0, 1], np.uint8), len(sizes))
+            masks = np.repeat(values, np.stack([p_len, sizes - p_len], axis=1).reshape(-1))
         errors.sort(key=lambda e: e[0])            # record order, as the records came
-        return _Encoded(tokens, np.array(sizes, dtype=np.int64), masks, [e[1:] for e in errors], nbytes)
+        return _Encoded(tokens, sizes.astype(np.int64), masks, [e[1:] for e in errors], nbytes)
 
 
-_EOD = (EOD_ID,)
 _WORKER: _Encoder | None = None
 
 
@@ -220,7 +287,7 @@ def _init_worker(encoder: _Encoder) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent stops the pool and cleans up
 
 
-def _work(batch: tuple[list[tuple[int, bytes]], int]) -> _Encoded:
+def _work(batch: _Block | tuple[list[tuple[int, bytes]], int]) -> _Encoded:
     assert _WORKER is not None
     return _WORKER.encode_batch(batch)
 
@@ -249,6 +316,38 @@ def _read_records(path: str, kind: str, txt_mode: str) -> Iterator[tuple[int, by
                 block = []
         if block:
             yield start, b"".join(block).rstrip(b"\r\n")
+
+
+def _read_blocks(path: str, max_lines: int, max_bytes: int) -> Iterator[_Block]:
+    """The file as blocks of whole lines, about `max_bytes` each (a longer line is one block of its
+    own) and at most `max_lines` lines; line 1's byte-order mark dropped."""
+    first, pending = 1, []   # pieces of a line whose newline is not read yet
+    with open(path, "rb") as f:
+        chunk = f.read(max(max_bytes, len(_BOM)))
+        if chunk.startswith(_BOM):
+            chunk = chunk[3:] or f.read(max_bytes)
+        while chunk or pending:
+            if chunk:
+                cut = chunk.rfind(b"\n") + 1
+                if not cut:
+                    pending.append(chunk)
+                    chunk = f.read(max_bytes)
+                    continue
+                data = b"".join(pending + [chunk[:cut]]) if pending else chunk[:cut]
+                pending = [chunk[cut:]] if cut < len(chunk) else []
+            else:  # the end of the file: its last line has no newline
+                data, pending = b"".join(pending), []
+            n = data.count(b"\n")
+            if n <= max_lines:
+                yield _Block(first, data)
+            else:
+                lines = data.split(b"\n")  # n + 1 parts: the last follows the last newline
+                for k in range(0, n + 1, max_lines):
+                    part = b"\n".join(lines[k:k + max_lines]) + (b"\n" if k + max_lines <= n else b"")
+                    if part:
+                        yield _Block(first + k, part)
+            first += n
+            chunk = f.read(max_bytes) if chunk else b""
 
 
 def _batches(records: Iterator[tuple[int, bytes]], max_docs: int, max_bytes: int
@@ -347,7 +446,10 @@ def prepare(o: PrepareOptions) -> PrepareResult:
         writers.append(tokens_w)
         masks_w: BinIdxWriter | None = None
         skipped, first_bad = 0, None
-        batches = _batches(_read_records(o.input, kind, o.txt_mode), o.batch_docs, o.batch_bytes)
+        if kind == "jsonl" or o.txt_mode == "lines":
+            batches: Iterator = _read_blocks(o.input, o.batch_docs, o.batch_bytes)
+        else:
+            batches = _batches(_read_records(o.input, kind, o.txt_mode), o.batch_docs, o.batch_bytes)
         workers = o.workers or os.cpu_count() or 1
         if workers > 1:
             # fork: workers inherit the tokenizer tables instead of rebuilding them.

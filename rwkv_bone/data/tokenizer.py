@@ -222,19 +222,26 @@ def load_tokenizer(spec: str | None = None, native: bool = False,
                    warn: Callable[[str], None] | None = None) -> Tokenizer:
     """`None`/"world": RWKV World; a `.json` file: Hugging Face; a `.txt` file: a World-format vocab.
 
-    native=True (make_data): the World vocab is encoded by pyrwkv-tokenizer when it gives our ids
-    on the start-up checks (world_native.py); otherwise `warn` gets one line saying why and the
-    Python WorldTokenizer is used. Custom vocab files always use the Python tokenizer.
+    native=True (make_data): the World vocab is encoded by our C trie (world_trie.py), else by
+    pyrwkv-tokenizer (world_native.py), whichever first builds and gives the reference's ids on
+    the start-up checks; `warn` gets one line saying why the C trie was not used, and the Python
+    WorldTokenizer is the last resort. A World-format vocab .txt gets the C trie too (after the
+    same checks on that vocab), else the Python tokenizer.
     """
     if spec is None or spec.lower() in ("world", "rwkv"):
         if native:
             from .world_native import NativeWorldTokenizer
+            from .world_trie import TrieWorldTokenizer
 
-            tok, why = NativeWorldTokenizer.create()
+            tok, why = TrieWorldTokenizer.create()
             if tok is not None:
                 return tok
-            (warn or _stderr)(f"note: {why}; using the built-in Python World tokenizer "
-                              "(same ids, slower)")
+            fallback, why_not = NativeWorldTokenizer.create()
+            if fallback is not None:
+                (warn or _stderr)(f"note: {why}; using pyrwkv-tokenizer (same ids)")
+                return fallback
+            (warn or _stderr)(f"note: {why}, and {why_not}; using the built-in Python World "
+                              "tokenizer (same ids, slower)")
         return WorldTokenizer()
     if not os.path.exists(spec):
         raise UserError(f"tokenizer file {spec} not found; pass a tokenizer.json, a World vocab "
@@ -243,6 +250,13 @@ def load_tokenizer(spec: str | None = None, native: bool = False,
         raise UserError(f"--tokenizer {spec} is a folder; pass the tokenizer.json or World vocab .txt file in it")
     if spec.endswith(".json"):
         return HFTokenizer(spec)
+    if native:
+        from .world_trie import TrieWorldTokenizer
+
+        tok, why = TrieWorldTokenizer.create(spec)
+        if tok is not None:
+            return tok
+        (warn or _stderr)(f"note: {why}; using the built-in Python World tokenizer (same ids, slower)")
     return WorldTokenizer(spec)
 
 

@@ -66,6 +66,24 @@ def probe_text() -> str:
     return "\n".join(parts)
 
 
+def check_encoder(encode, vocab: WorldVocab, name: str) -> str:
+    """'' when `encode` (str -> ids) gives the reference's ids on the table and on the probe text
+    (checks 1 and 2 of the module docstring), else one sentence saying where `name` differs."""
+    for tid, tok in enumerate(vocab.id_to_bytes):
+        try:
+            text = tok.decode("utf-8")
+        except UnicodeDecodeError:
+            continue  # a fragment of a character: reached through the probe instead
+        if text and encode(text) != [vocab.bytes_to_id[tok]]:
+            return f"{name} encodes vocab token {tid} ({text!r}) differently"
+    data = probe_text().encode("utf-8")
+    want, got = vocab.encode_reference(data), encode(data.decode("utf-8"))
+    if got != want:
+        at = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
+        return f"{name}'s ids differ from the reference on the probe text at token {at}"
+    return ""
+
+
 class NativeWorldTokenizer:
     """World vocab: encode with pyrwkv-tokenizer, decode with our table. Build with `create`."""
 
@@ -102,7 +120,7 @@ class NativeWorldTokenizer:
             if native is None:
                 native = pyrwkv_tokenizer.RWKVTokenizer(vocab_filepath=path)
                 _keep_for_the_process(key, native)
-            size = _passed_before(key)
+            size = passed_before(key)
             if size is not None:
                 return cls(None, native, path, size), ""
             tok = cls(world_vocab(path), native)
@@ -113,25 +131,12 @@ class NativeWorldTokenizer:
             return None, f"pyrwkv-tokenizer failed on the start-up check ({type(e).__name__}: {e})"
         if why:
             return None, why
-        _remember_pass(key, tok.vocab_size)
+        remember_pass(key, tok.vocab_size)
         return tok, ""
 
     def _check(self) -> str:
         """'' when the native ids equal the reference on the table and the probe, else why not."""
-        encode = self._native.encode
-        for tid, tok in enumerate(self._vocab.id_to_bytes):
-            try:
-                text = tok.decode("utf-8")
-            except UnicodeDecodeError:
-                continue  # a fragment of a character: reached through the probe instead
-            if text and encode(text) != [self._vocab.bytes_to_id[tok]]:
-                return f"pyrwkv-tokenizer encodes vocab token {tid} ({text!r}) differently"
-        data = probe_text().encode("utf-8")
-        want, got = self._vocab.encode_reference(data), encode(data.decode("utf-8"))
-        if got != want:
-            at = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
-            return f"pyrwkv-tokenizer's ids differ from the reference on the probe text at token {at}"
-        return ""
+        return check_encoder(self._native.encode, self._vocab, "pyrwkv-tokenizer")
 
     def __getstate__(self) -> dict:  # spawned workers rebuild it (the parent ran the checks)
         return {"vocab_path": self.vocab_path, "vocab_size": self.vocab_size}
@@ -226,13 +231,13 @@ def _read_verdicts() -> dict:
     return verdicts if isinstance(verdicts, dict) else {}
 
 
-def _passed_before(key: str | None) -> int | None:
+def passed_before(key: str | None) -> int | None:
     """The vocab size remembered with a pass under `key`, or None."""
     size = _read_verdicts().get(key) if key is not None else None
     return size if isinstance(size, int) and size > 0 else None
 
 
-def _remember_pass(key: str | None, vocab_size: int) -> None:
+def remember_pass(key: str | None, vocab_size: int) -> None:
     """Add a pass to the cache file (written whole, then renamed; best effort: a read-only home
     only means the checks run every time)."""
     if key is None:
