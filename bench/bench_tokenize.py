@@ -1,25 +1,29 @@
 """Tokenisation throughput: official rwkv TRIE_TOKENIZER vs ours vs whole make_data runs.
 
-    .venv/bin/python bench/bench_tokenize.py [--mb 30] [--workers 2] [--repeats 3] [--corpus mixed|words]
+    .venv/bin/python bench/bench_tokenize.py [--mb 30] [--workers 2] [--repeats 3] [--corpus mixed|words|short]
 
 A mixed corpus (English-like prose with Zipf word frequencies, Python-like code, CJK, Cyrillic and
 accented Latin, emoji, whitespace runs), or with --corpus words random letter strings with some CJK
-and emoji (more, shorter tokens per byte: the per-token costs weigh more), is generated with a fixed
+and emoji (more, shorter tokens per byte: the per-token costs weigh more), or with --corpus short
+those words as 5-word documents (the per-record costs weigh most), is generated with a fixed
 seed and written as .jsonl into a temporary folder (nothing is stored in the repo). Timed in the same run:
 1. the official `rwkv.rwkv_tokenizer.TRIE_TOKENIZER.encode`, one process, encoding only (its
    start-up not timed) - the baseline of every ratio;
 2. `WorldTokenizer.encode` (our Python tokenizer), one process, encoding only, from an empty piece
    cache (ids checked equal to 1.);
-3. pyrwkv-tokenizer's `encode`, one process, encoding only (ids checked equal to 1.), and its
-   `encode_batch` on batches of 64 documents (make_data's batch size) with RAYON_NUM_THREADS as
-   set (its Rust thread pool; unset = all cores);
-4. the whole `make_data.py` run as a fresh process (interpreter start, imports, pyrwkv start-up
-   (check remembered after the first run), read JSON lines, tokenise, write .bin/.idx) with --workers 1 and
-   --workers N; the .bin is checked to hold exactly 1.'s ids, 0 after each document;
+3. our C trie (data/world_trie.py): `encode` per document (ids to a Python list) and
+   `encode_flat` on batches of 64 documents (one call, ids into one array); pyrwkv-tokenizer's
+   `encode`, one process, and its `encode_batch` on batches of 64 documents with
+   RAYON_NUM_THREADS as set (its Rust thread pool; unset = all cores); all encoding only, ids
+   checked equal to 1.;
+4. the whole `make_data.py` run as a fresh process (interpreter start, imports, the C trie's
+   start-up (check remembered after the first run), read JSON lines, tokenise, write .bin/.idx)
+   with --workers 1 and --workers N; the .bin is checked to hold exactly 1.'s ids, 0 after each
+   document;
 5. the same pipeline in-process with the Python tokenizer (tables prebuilt), --workers 1;
-6. make_data.py on a one-document file: its fixed start-up cost (interpreter, imports, pyrwkv
-   start-up; our vocab load and the start-up check run once, then their pass is remembered, see
-   data/world_native.py), the part of 4. that does not grow with the corpus.
+6. make_data.py on a one-document file: its fixed start-up cost (interpreter, imports, the C
+   trie's start-up: the cached binary vocab read and the trie built; the start-up check runs
+   once, then its pass is remembered, see data/world_trie.py), the part of 4. that does not grow.
 Each is repeated (interleaved) and the best wall time kept, since the machine is shared; the CPU
 seconds (this process + its child processes) show the work done, whatever the load. Other
 processes compete for the cores, so compare ratios from the same run, not absolute figures.
@@ -118,13 +122,24 @@ def make_words_corpus(mb: float, seed: int = 1) -> list[str]:
     return docs
 
 
+def make_short_corpus(mb: float, seed: int = 1) -> list[str]:
+    """The words corpus cut into documents of 5 words (~32 bytes): a record per line costs more
+    than its tokens here, so make_data's per-record work is what is measured."""
+    docs = []
+    for doc in make_words_corpus(mb * 1.03, seed):
+        words = doc.split(" ")
+        docs += [" ".join(words[i:i + 5]) for i in range(0, len(words), 5)]
+    return docs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=float, default=30.0, help="corpus size in MB of UTF-8")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--corpus", choices=("mixed", "words"), default="mixed",
-                    help="mixed: prose/code/CJK/emoji (make_corpus); words: random words with some CJK/emoji")
+    ap.add_argument("--corpus", choices=("mixed", "words", "short"), default="mixed",
+                    help="mixed: prose/code/CJK/emoji (make_corpus); words: random words with some CJK/emoji; "
+                         "short: the words cut into 5-word documents")
     args = ap.parse_args()
     import numpy as np
     import pyrwkv_tokenizer
@@ -132,7 +147,7 @@ def main() -> None:
 
     from rwkv_bone.data.binidx import MMapIndexedDataset
 
-    docs = (make_corpus if args.corpus == "mixed" else make_words_corpus)(args.mb)
+    docs = {"mixed": make_corpus, "words": make_words_corpus, "short": make_short_corpus}[args.corpus](args.mb)
     nbytes = sum(len(d.encode("utf-8")) for d in docs)
     official = TRIE_TOKENIZER(world_vocab_path())
     native = pyrwkv_tokenizer.RWKVTokenizer(vocab_filepath=world_vocab_path())
