@@ -71,3 +71,41 @@ def train_cli(flags: list[str], env: dict | None = None, timeout: float = 300, *
         e.update(env)
     return subprocess.run([sys.executable, TRAIN, *flags], capture_output=True, text=True, env=e,
                           timeout=timeout, cwd=REPO, **kw)
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on localhost (held together while chosen, so none repeats)."""
+    import socket
+
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def side_by_side(jobs: list, workers: int = 2) -> list:
+    """Call the functions in `jobs` (each taking a MASTER_PORT environment dict) at most `workers`
+    at a time; their results in order (an exception is re-raised by the caller's .result()).
+
+    A train.py launch keeps about one of two CPU cores busy (imports, the second process starting,
+    saving), so two side by side take little more wall time than one. Each job gets its own
+    MASTER_PORT: the two-process runs would otherwise each pick a free port on their own, and
+    DeepSpeed's shared-memory all-reduce names its buffers by that port. The runs themselves are
+    the ones train_cli makes one after another (CPU fp32 on OMP_NUM_THREADS=1: bit for bit)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ports = free_ports(len(jobs))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(job, {"MASTER_PORT": str(port)}) for job, port in zip(jobs, ports)]
+        return [f.result() for f in futures]
+
+
+def train_cli_side_by_side(flag_lists: list[list[str]], env: dict | None = None, timeout: float = 300,
+                           workers: int = 2) -> list[subprocess.CompletedProcess]:
+    """train_cli for each flag list, at most `workers` launches at a time (see side_by_side)."""
+    return side_by_side([lambda port, f=f: train_cli(f, {**(env or {}), **port}, timeout) for f in flag_lists],
+                        workers)
