@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -161,25 +160,19 @@ def state_step(proj: str) -> int:
     return int(torch.load(path, weights_only=True)["step"]) if os.path.isfile(path) else -1
 
 
-def kill_when(flags: list[str], ready, beside: list[str] | None = None):
-    """Start train.py with `flags` and SIGKILL it once ready() holds (or after 240 s). beside: the
-    flags of a run (train_cli) made meanwhile, side by side (a single-process run keeps one of two
-    cores busy), whose result is returned."""
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        other = pool.submit(train_cli, beside) if beside is not None else None
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-        proc = subprocess.Popen([sys.executable, TRAIN, *flags], env=env, cwd=REPO,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.time() + 240
-            while proc.poll() is None and not ready() and time.time() < deadline:
-                time.sleep(0.02)
-            proc.send_signal(signal.SIGKILL)
-        finally:
-            proc.wait()
-        result = other.result() if other is not None else None
+def kill_when(flags: list[str], ready) -> None:
+    """Start train.py with `flags` and SIGKILL it once ready() holds (or after 240 s)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    proc = subprocess.Popen([sys.executable, TRAIN, *flags], env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while proc.poll() is None and not ready() and time.time() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    return result
 
 
 def assert_same_run(proj_a: str, proj_b: str) -> None:
@@ -194,9 +187,10 @@ def assert_same_run(proj_a: str, proj_b: str) -> None:
 
 def test_grpo_resumed_after_sigkill_ends_with_the_same_adapter(files, tmp_path):
     proj_a, proj_b = str(tmp_path / "a"), str(tmp_path / "b")
-    flags_b = grpo_flags(files, proj_b, save_every_steps=1)
-    r = kill_when(flags_b, lambda: state_step(proj_b) >= 2, beside=grpo_flags(files, proj_a))
+    r = train_cli(grpo_flags(files, proj_a))
     assert r.returncode == 0, r.stderr[-2000:]
+    flags_b = grpo_flags(files, proj_b, save_every_steps=1)
+    kill_when(flags_b, lambda: state_step(proj_b) >= 2)
     assert 2 <= state_step(proj_b) < 6
     r = train_cli(flags_b + ["--resume"])
     assert r.returncode == 0, r.stderr[-2000:]
@@ -216,31 +210,13 @@ def test_grpo_iterations_reuse_rollouts_and_clip_from_the_second_update(files, t
     assert float(got[0]["reward_std"]) > 0
 
 
-ITERATIONS = dict(grpo_iterations=2, epoch_steps=4, epoch_count=2, save_every_steps=2, lr_init=0.1)
-
-
-@pytest.fixture(scope="module")
-def iterations_uninterrupted(files, tmp_path_factory):
-    """The uninterrupted ITERATIONS run both --grpo_iterations resume checks compare with (one run
-    for the two), started in the background when the first needs it, beside that test's own runs
-    (a single-process run keeps one of two cores busy): (project directory, future)."""
-    proj = str(tmp_path_factory.mktemp("iterations") / "a")
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        yield proj, pool.submit(train_cli, grpo_flags(files, proj, **ITERATIONS))
-
-
-def finished(run) -> str:
-    proj, future = run
-    r = future.result()
+def test_grpo_iterations_resumed_after_sigkill_end_with_the_same_adapter(files, tmp_path):
+    proj_a, proj_b = str(tmp_path / "a"), str(tmp_path / "b")
+    over = dict(grpo_iterations=2, epoch_steps=4, epoch_count=2, save_every_steps=2, lr_init=0.1)
+    r = train_cli(grpo_flags(files, proj_a, **over))
     assert r.returncode == 0, r.stderr[-2000:]
-    return proj
-
-
-def test_grpo_iterations_resumed_after_sigkill_end_with_the_same_adapter(files, iterations_uninterrupted, tmp_path):
-    proj_b = str(tmp_path / "b")
-    flags_b = grpo_flags(files, proj_b, **ITERATIONS)
+    flags_b = grpo_flags(files, proj_b, **over)
     kill_when(flags_b, lambda: os.path.isfile(os.path.join(proj_b, "metrics.csv")) and len(rows(proj_b)) >= 3)
-    proj_a = finished(iterations_uninterrupted)
     assert state_step(proj_b) in (2, 4, 6)  # states only between batches of rollouts
     r = train_cli(flags_b + ["--resume"])
     assert r.returncode == 0, r.stderr[-2000:]
@@ -248,18 +224,20 @@ def test_grpo_iterations_resumed_after_sigkill_end_with_the_same_adapter(files, 
     assert any(float(r["clip_fraction"]) > 0 for r in rows(proj_a))
 
 
-def test_grpo_iterations_stopped_by_my_exit_tokens_between_batches_and_extended_end_alike(
-        files, iterations_uninterrupted, tmp_path):
+def test_grpo_iterations_stopped_by_my_exit_tokens_between_batches_and_extended_end_alike(files, tmp_path):
     # --my_exit_tokens may only end a --grpo_iterations run between batches of rollouts (inside one
     # it is refused, see below), so the extended run regenerates exactly the batch it would have had.
-    proj_b = str(tmp_path / "b")
-    flags_b = grpo_flags(files, proj_b, **ITERATIONS)
+    proj_a, proj_b = str(tmp_path / "a"), str(tmp_path / "b")
+    over = dict(grpo_iterations=2, epoch_steps=4, epoch_count=2, save_every_steps=2, lr_init=0.1)
+    r = train_cli(grpo_flags(files, proj_a, **over))
+    assert r.returncode == 0, r.stderr[-2000:]
+    flags_b = grpo_flags(files, proj_b, **over)
     r = train_cli(flags_b + ["--my_exit_tokens", str(2 * 2 * 16)])  # 2 steps of 2 x 16 tokens
     assert r.returncode == 0, r.stderr[-2000:]
     assert state_step(proj_b) == 2
     r = train_cli(flags_b + ["--resume"])
     assert r.returncode == 0, r.stderr[-2000:]
-    assert_same_run(finished(iterations_uninterrupted), proj_b)
+    assert_same_run(proj_a, proj_b)
 
 
 @pytest.mark.parametrize("over,message", [
