@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -41,24 +40,20 @@ def test_run_killed_with_sigkill_then_resumed_equals_uninterrupted_run(files, tm
     opts = dict(peft="lora", lora_r=4, lora_dropout=0.1, epoch_steps=10, epoch_count=4, lr_init=5e-3,
                 bone_b=None, lr_schedule="cosine", lr_final=1e-4, warmup_steps=3)
     proj_a, proj_b = str(tmp_path / "a"), str(tmp_path / "b")
-    # The uninterrupted run goes side by side with the one that is killed (a single-process run
-    # keeps one of the two cores busy): the same two runs in less wall time.
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        run_a = pool.submit(train_cli, base_flags(files["ckpt"], files["data"], proj_a, **opts))
-
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-        flags_b = base_flags(files["ckpt"], files["data"], proj_b, save_every_steps=1, **opts)
-        proc = subprocess.Popen([sys.executable, TRAIN, *flags_b], env=env, cwd=REPO,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.time() + 240
-            while proc.poll() is None and state_step(proj_b) < 8 and time.time() < deadline:
-                time.sleep(0.02)
-            proc.send_signal(signal.SIGKILL)
-        finally:
-            proc.wait()
-        r = run_a.result()
+    r = train_cli(base_flags(files["ckpt"], files["data"], proj_a, **opts))
     assert r.returncode == 0, r.stderr[-2000:]
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    flags_b = base_flags(files["ckpt"], files["data"], proj_b, save_every_steps=1, **opts)
+    proc = subprocess.Popen([sys.executable, TRAIN, *flags_b], env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while proc.poll() is None and state_step(proj_b) < 8 and time.time() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     killed_at = state_step(proj_b)
     assert 8 <= killed_at < 40
