@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from test_train_helpers import base_flags, train_cli_side_by_side
+from test_train_helpers import base_flags, train_cli
 from test_train_objectives import files, grpo_flags, pairs, rows  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.slow
@@ -17,7 +17,7 @@ DPO_COLUMNS = ("rewards_chosen", "rewards_rejected", "rewards_accuracy", "reward
 GRPO_COLUMNS = ("reward_mean", "reward_std", "kl", "completion_tokens", "clip_fraction")
 
 
-def objective_flags(files, pairs, proj, objective, strategy, peft):  # noqa: F811
+def run_objective(files, pairs, proj, objective, strategy, peft):  # noqa: F811
     over = dict(strategy=strategy, devices=2, epoch_steps=2, epoch_count=1)
     if objective == "dpo":
         extra = dict(bone_b=16) if peft == "bone" else dict(bone_b=None, lr_init=1e-3 if peft == "none" else 1e-2)
@@ -25,50 +25,31 @@ def objective_flags(files, pairs, proj, objective, strategy, peft):  # noqa: F81
                            **extra, **over)
     else:
         flags = grpo_flags(files, proj, **over)
-    return flags
-
-
-DPO_ZERO2 = ("dpo", "deepspeed_stage_2", "bone")
-DPO_ZERO3 = ("dpo", "deepspeed_stage_3", "bone")
-RUNS = [DPO_ZERO2,
-        ("grpo", "deepspeed_stage_1", "lora"),
-        ("dpo", "deepspeed_stage_3", "state"),  # the reference swap through GatheredParameters
-        ("dpo", "deepspeed_stage_3", "none")]   # stored reference: nothing is swapped
-
-
-@pytest.fixture(scope="module")
-def launched(files, pairs, tmp_path_factory, request):  # noqa: F811
-    """Every run the selected tests of this module check, launched two side by side when the first
-    test needs one (test_train_helpers.side_by_side): {(objective, strategy, peft): (proj, result)}."""
-    keys = [DPO_ZERO2]  # both tests compare with or check it
-    for item in request.session.items:
-        if item.module is request.module:
-            key = DPO_ZERO3 if item.originalname == "test_dpo_with_an_adapter_under_zero3_equals_zero2" else \
-                tuple(item.callspec.params[k] for k in ("objective", "strategy", "peft"))
-            keys += [key] if key not in keys else []
-    projs = [str(tmp_path_factory.mktemp("_".join(k)) / "run") for k in keys]
-    done = train_cli_side_by_side([objective_flags(files, pairs, proj, *k) for proj, k in zip(projs, keys)])
-    return dict(zip(keys, zip(projs, done)))
-
-
-def run_objective(launched, *key):
-    proj, r = launched[key]
+    r = train_cli(flags)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return proj
 
 
 @pytest.fixture(scope="module")
-def dpo_zero2(launched):
-    return run_objective(launched, *DPO_ZERO2)
+def dpo_zero2(files, pairs, tmp_path_factory):  # noqa: F811
+    return run_objective(files, pairs, str(tmp_path_factory.mktemp("zero2") / "run"), "dpo", "deepspeed_stage_2", "bone")
 
 
-@pytest.mark.parametrize("objective,strategy,peft", RUNS)
-def test_objective_under_zero_on_two_processes_saves_what_merges(files, launched, objective, strategy,  # noqa: F811
-                                                                 peft):
+@pytest.mark.parametrize("objective,strategy,peft", [
+    ("dpo", "deepspeed_stage_2", "bone"),
+    ("grpo", "deepspeed_stage_1", "lora"),
+    ("dpo", "deepspeed_stage_3", "state"),  # the reference swap through GatheredParameters
+    ("dpo", "deepspeed_stage_3", "none"),   # stored reference: nothing is swapped
+])
+def test_objective_under_zero_on_two_processes_saves_what_merges(files, pairs, dpo_zero2, tmp_path,  # noqa: F811
+                                                                 objective, strategy, peft):
     from rwkv_bone.model import RWKV6
     from rwkv_bone.peft.adapter_io import load_adapter, merge_state_dict, read_adapter_file
 
-    proj = run_objective(launched, objective, strategy, peft)
+    if (objective, strategy) == ("dpo", "deepspeed_stage_2"):
+        proj = dpo_zero2
+    else:
+        proj = run_objective(files, pairs, str(tmp_path / "run"), objective, strategy, peft)
     got = rows(proj)
     assert len(got) == 2
     for row in got:
@@ -92,10 +73,10 @@ def test_objective_under_zero_on_two_processes_saves_what_merges(files, launched
         assert not torch.allclose(trained(x), base(x))  # the run really trained
 
 
-def test_dpo_with_an_adapter_under_zero3_equals_zero2(launched, dpo_zero2):
+def test_dpo_with_an_adapter_under_zero3_equals_zero2(files, pairs, dpo_zero2, tmp_path):  # noqa: F811
     # ZeRO-3 slices every weight; the reference swap gathers, overwrites and re-slices the adapter
     # and puts it back bit for bit, so the run is ZeRO-2's to the last bit (CPU, fp32).
-    proj = run_objective(launched, *DPO_ZERO3)
+    proj = run_objective(files, pairs, str(tmp_path / "run"), "dpo", "deepspeed_stage_3", "bone")
     def logged(p):
         return [{k: v for k, v in r.items() if k not in ("kt/s", "peak_mem_mb")} for r in rows(p)]
 
