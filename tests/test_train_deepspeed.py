@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from test_train_helpers import base_flags, free_ports, pattern_data, side_by_side, tiny_checkpoint, train_cli
+from test_train_helpers import base_flags, pattern_data, tiny_checkpoint, train_cli
 
 pytestmark = pytest.mark.slow
 
@@ -24,46 +24,12 @@ def ds_flags(files, proj: str, **over) -> list[str]:
     return base_flags(files["ckpt"], files["data"], proj, **opts)
 
 
-def _parts(files, proj: str, port: dict) -> dict:
-    """Stop after 3 of 6 steps (3 steps x 64 tokens), then resume to the end."""
-    first = train_cli(ds_flags(files, proj, my_exit_tokens=3 * 64), port)
-    final_after_first = os.path.exists(os.path.join(proj, "rwkv-1.pth"))
-    again = {"MASTER_PORT": str(free_ports(1)[0])}  # not the port the first part has just let go
-    second = train_cli(ds_flags(files, proj, resume=True), again) if first.returncode == 0 else None
-    return {"first": first, "final_after_first": final_after_first, "second": second}
-
-
-# Each test's launches: all start when the module's first test needs a run, two side by side
-# (test_train_helpers.side_by_side), and each test checks its own.
-LAUNCHES = {
-    "full": lambda files, port: train_cli(ds_flags(files, str(files["dir"] / "full")), port),
-    "parts": lambda files, port: _parts(files, str(files["dir"] / "parts"), port),
-    "infctx": lambda files, port: train_cli(ds_flags(files, str(files["dir"] / "infctx"), train_type="infctx",
-                                                     chunk_ctx=5), port),  # ctx 16: chunks 5, 5, 5, 1
-    "zero3": lambda files, port: train_cli(ds_flags(files, str(files["dir"] / "zero3"), strategy="deepspeed_stage_3",
-                                                    precision="bf16", epoch_count=1, peft="pissa", pissa_r=4,
-                                                    bone_b=None, lr_init=1e-3), port),
-}
-NEEDS = {"test_zero2_resume_continues_to_the_same_adapter": "parts",
-         "test_zero3_bf16_pissa_saves_full_fp32_tensors_and_exact_init_factors": "zero3",
-         "test_zero2_infctx_trains_the_same_adapter_as_whole_samples": "infctx"}
-
-
 @pytest.fixture(scope="module")
-def launched(files, request):
-    selected = {item.originalname for item in request.session.items if item.module is request.module}
-    keys = ["full"] + [NEEDS[name] for name in NEEDS if name in selected]
-    return dict(zip(keys, side_by_side([lambda port, k=k: LAUNCHES[k](files, port) for k in keys])))
-
-
-def assert_ran(r) -> None:
+def uninterrupted(files):
+    proj = str(files["dir"] / "full")
+    r = train_cli(ds_flags(files, proj))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(files, launched):
-    assert_ran(launched["full"])
-    return str(files["dir"] / "full")
+    return proj
 
 
 def test_zero2_on_two_cpu_processes_trains_and_saves_a_plain_adapter(files, uninterrupted):
@@ -93,13 +59,14 @@ def test_zero2_on_two_cpu_processes_trains_and_saves_a_plain_adapter(files, unin
     assert os.path.getsize(module_states) < os.path.getsize(files["ckpt"]) / 2
 
 
-def test_zero2_resume_continues_to_the_same_adapter(files, uninterrupted, launched):
+def test_zero2_resume_continues_to_the_same_adapter(files, uninterrupted):
     proj = str(files["dir"] / "parts")
-    # stopped after 3 of 6 steps (3 steps x 64 tokens), then resumed to the end (_parts)
-    parts = launched["parts"]
-    assert_ran(parts["first"])
-    assert not parts["final_after_first"]  # no final adapter after the first part
-    assert_ran(parts["second"])
+    # stop after 3 of 6 steps (3 steps x 64 tokens), then resume to the end
+    r = train_cli(ds_flags(files, proj, my_exit_tokens=3 * 64))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert not os.path.exists(os.path.join(proj, "rwkv-1.pth"))
+    r = train_cli(ds_flags(files, proj, resume=True))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     a = torch.load(os.path.join(uninterrupted, "rwkv-1.pth"), weights_only=True)
     b = torch.load(os.path.join(proj, "rwkv-1.pth"), weights_only=True)
     for k, v in a.items():
@@ -107,13 +74,15 @@ def test_zero2_resume_continues_to_the_same_adapter(files, uninterrupted, launch
             assert torch.equal(b[k], v), k  # bit-identical on CPU fp32
 
 
-def test_zero3_bf16_pissa_saves_full_fp32_tensors_and_exact_init_factors(files, uninterrupted, launched):
+def test_zero3_bf16_pissa_saves_full_fp32_tensors_and_exact_init_factors(files, uninterrupted):
     from rwkv_bone.model import RWKV6
     from rwkv_bone.peft import apply_peft
     from rwkv_bone.peft.adapter_io import load_adapter
 
     proj = str(files["dir"] / "zero3")
-    assert_ran(launched["zero3"])
+    r = train_cli(ds_flags(files, proj, strategy="deepspeed_stage_3", precision="bf16", epoch_count=1,
+                           peft="pissa", pissa_r=4, bone_b=None, lr_init=1e-3))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     path = os.path.join(proj, "rwkv-0.pth")
     sd = torch.load(path, weights_only=True)
     # the initial factors the run used (bf16 base, factorised in fp32 with the run's seed)
@@ -135,9 +104,10 @@ def test_zero3_bf16_pissa_saves_full_fp32_tensors_and_exact_init_factors(files, 
     assert first_bf16 == pytest.approx(first_fp32, abs=0.05)  # same data, same start, bf16 rounding only
 
 
-def test_zero2_infctx_trains_the_same_adapter_as_whole_samples(files, uninterrupted, launched):
-    proj = str(files["dir"] / "infctx")  # train_type infctx, chunk_ctx 5 (LAUNCHES)
-    assert_ran(launched["infctx"])
+def test_zero2_infctx_trains_the_same_adapter_as_whole_samples(files, uninterrupted):
+    proj = str(files["dir"] / "infctx")
+    r = train_cli(ds_flags(files, proj, train_type="infctx", chunk_ctx=5))  # ctx 16: chunks 5, 5, 5, 1
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     a = torch.load(os.path.join(uninterrupted, "rwkv-1.pth"), weights_only=True)
     b = torch.load(os.path.join(proj, "rwkv-1.pth"), weights_only=True)
     for k, v in a.items():
