@@ -14,7 +14,7 @@ from rwkv_bone.decode import sample_batch
 from rwkv_bone.peft import apply_peft
 from rwkv_bone.train.objectives.grpo import GRPOSettings, sample_rollouts
 from rwkv_bone.train.objectives.synced import sample_batch_synced
-from test_train_helpers import base_flags, train_cli_side_by_side
+from test_train_helpers import base_flags, train_cli
 
 PERSISTENCE_THRESHOLD = 100_000  # DeepSpeed's stage3_param_persistence_threshold: smaller tensors stay whole
 
@@ -136,22 +136,20 @@ def sliced(tmp_path_factory):
             "whole": sliced_digits_checkpoint(str(d / "whole.pth"), sliced=False)}
 
 
-def grpo_flags(sliced, proj, strategy, peft, ckpt="ckpt"):
+def grpo_run(sliced, proj, strategy, peft, ckpt="ckpt"):
     extra = {"bone": dict(bone_b=16), "lora": dict(bone_b=None, lora_r=4), "state": dict(bone_b=None)}[peft]
-    return base_flags(sliced[ckpt], sliced["prompts"], proj, objective="grpo", reward="gsm8k",
-                      tokenizer=sliced["vocab"], num_generations=4, max_new_tokens=3, grpo_beta=0.04,
-                      epoch_steps=2, epoch_count=1, lr_init=2e-2, micro_bsz=2, strategy=strategy, devices=2,
-                      peft=peft, **extra)
+    flags = base_flags(sliced[ckpt], sliced["prompts"], proj, objective="grpo", reward="gsm8k",
+                       tokenizer=sliced["vocab"], num_generations=4, max_new_tokens=3, grpo_beta=0.04,
+                       epoch_steps=2, epoch_count=1, lr_init=2e-2, micro_bsz=2, strategy=strategy, devices=2,
+                       peft=peft, **extra)
+    r = train_cli(flags)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return proj
 
 
-def grpo_runs(sliced, tmp_path, peft, ckpt="ckpt"):
-    """The ZeRO-2 and the ZeRO-3 run (side by side: the same two launches in less wall time);
-    their project directories."""
-    projs = [str(tmp_path / s) for s in ("deepspeed_stage_2", "deepspeed_stage_3")]
-    done = train_cli_side_by_side([grpo_flags(sliced, proj, os.path.basename(proj), peft, ckpt) for proj in projs])
-    for r in done:
-        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    return projs
+@pytest.fixture(scope="module")
+def bone_zero2(sliced):
+    return grpo_run(sliced, str(sliced["dir"] / "zero2"), "deepspeed_stage_2", "bone")
 
 
 def _logged(proj):
@@ -162,14 +160,15 @@ def _logged(proj):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("peft", ["bone", "lora", "state"])  # state: a TimeMix tensor RWKV6.step reads
-def test_grpo_under_zero3_trains_what_zero2_trains_and_saves_what_merges(sliced, tmp_path, peft):
+def test_grpo_under_zero3_trains_what_zero2_trains_and_saves_what_merges(sliced, bone_zero2, tmp_path, peft):
     from rwkv_bone.model import RWKV6
     from rwkv_bone.peft.adapter_io import load_adapter, merge_state_dict, read_adapter_file
 
     base_sd = torch.load(sliced["ckpt"], weights_only=True)
     sliced_keys = [k for k, t in base_sd.items() if t.numel() > PERSISTENCE_THRESHOLD]
     assert any(".att.time_maa_w1" in k for k in sliced_keys) and "head.weight" in sliced_keys
-    zero2, proj = grpo_runs(sliced, tmp_path, peft)
+    proj = grpo_run(sliced, str(tmp_path / "zero3"), "deepspeed_stage_3", peft)
+    zero2 = bone_zero2 if peft == "bone" else grpo_run(sliced, str(tmp_path / "zero2"), "deepspeed_stage_2", peft)
     got = _logged(proj)
     assert len(got) == 2 and float(got[1]["kl"]) > 0   # the reference pass ran (adapter swapped out)
     assert any(float(r["reward_std"]) > 0 for r in got) and float(got[0]["completion_tokens"]) < 3
@@ -198,7 +197,8 @@ def test_grpo_under_zero3_on_weights_it_keeps_whole_equals_zero2_bit_for_bit(sli
     # Nothing sliced: ZeRO-3's rounding differences go, and the synced sampler's rollouts, the padded
     # rows and the reference swap leave the run ZeRO-2's to the last bit.
     assert all(t.numel() <= PERSISTENCE_THRESHOLD for t in torch.load(sliced["whole"], weights_only=True).values())
-    runs = grpo_runs(sliced, tmp_path, "bone", ckpt="whole")
+    runs = [grpo_run(sliced, str(tmp_path / s), s, "bone", ckpt="whole")
+            for s in ("deepspeed_stage_2", "deepspeed_stage_3")]
     assert _logged(runs[0]) == _logged(runs[1]) and any(float(r["reward_std"]) > 0 for r in _logged(runs[0]))
     a, b = (torch.load(os.path.join(p, "rwkv-0.pth"), weights_only=True) for p in runs)
     assert a.keys() == b.keys()
