@@ -169,3 +169,98 @@ def test_no_compiler_falls_back_with_one_line_and_leaves_no_file(fresh, monkeypa
 def test_it_pickles_for_spawned_workers(trie):
     clone = pickle.loads(pickle.dumps(trie))
     assert clone.encode("héllo 世界") == trie.encode("héllo 世界") and clone.vocab_size == 65530
+
+
+# ---- make_data's C reader of plain records (encode_plain_jsonl) ---------------------------------
+
+_ATOMS = ["a", " ", "é", "中文", "😀", "\\n", '\\"', "\\\\", "\\/", "\\u00e9", "\\u4E2D", "\\ud83d\\ude00",
+          "\\ud800", "\\udc00", "\\x", "\t", "\x01", "\x7f", "\\b\\f\\r\\t", "\\u12", "text", "\\u0000"]
+_VALUES = ["1", "-0.5e+3", "01", "1.", "-", "1e", "2E-7", "true", "false", "null", "nul", "NaN", "Infinity",
+           '[1, "a", {"b": [null]}]', "{}", "[]", "[1,]", '{"a":1,}', '{"a" 1}', '"s"', "[" * 40 + "]" * 40]
+_ODD = ["", " ", "\r", "not json", "[1]", "{}", "\u3000", '{"text": "a"} x', ' {"text": "a"}', '{"text": "a"}\r\r',
+        '{"query": "q", "response": "r"}', '{"te\\u0078t": "an escaped key"}', '{"text": "a"}  ', '{"text": 5}',
+        '{"text": null}', '{"text": "a",}', '{"text" "a"}', '{"text": "unterminated}', '{"text": "a"', '{"text"}']
+
+
+def _random_record(rng: random.Random) -> str:
+    if rng.random() < 0.1:
+        return rng.choice(_ODD)
+    ws = lambda: rng.choice(["", "", " ", "\t", "\r", "  "])  # noqa: E731
+    parts = []
+    for _ in range(rng.randint(1, 4)):
+        key = rng.choice(['"text"', '"text"', '"meta"', '"id"', '"t"', '"texts"'])
+        value = ('"' + "".join(rng.choice(_ATOMS) for _ in range(rng.randint(0, 6))) + '"'
+                 if rng.random() < 0.6 else rng.choice(_VALUES))
+        parts.append(ws() + key + ws() + ":" + ws() + value + ws())
+    return "{" + ",".join(parts) + "}"
+
+
+def _python_text(line: str) -> str | None:
+    """The text make_data's Python path takes from a line without its general path: a JSON object
+    read whole by json's scanner whose "text" is a string of valid Unicode; else None."""
+    import json
+
+    line = line.rstrip("\r")
+    try:
+        rec, end = json.scanner.make_scanner(json.JSONDecoder())(line, 0)
+    except (StopIteration, ValueError):
+        return None
+    text = rec.get("text") if isinstance(rec, dict) and end == len(line) else None
+    try:
+        return text if isinstance(text, str) and text.encode("utf-8") is not None else None
+    except UnicodeEncodeError:
+        return None
+
+
+@needs_trie
+def test_the_c_reader_of_plain_records_reads_what_json_reads(trie):
+    """Every line the C reader calls plain has json's text (ids + the final 0); json's plain lines
+    that it leaves to Python are only the cases it declines by design; blank lines are skipped."""
+    rng = random.Random(7)
+    lines = [_random_record(rng) for _ in range(6000)]
+    ids, line_of, sizes = trie.encode_plain_jsonl("\n".join(lines).encode("utf-8"), "text", 1 << 30)
+    assert line_of.tolist() == [k for k, s in enumerate(lines) if s.strip(" \t\n\r\x0b\x0c")]
+    starts = np.cumsum(np.maximum(sizes, 0)) - np.maximum(sizes, 0)
+    declined = 0
+    for d, k in enumerate(line_of.tolist()):
+        want = _python_text(lines[k])
+        if sizes[d] >= 0:
+            assert want is not None, lines[k]
+            assert ids[starts[d]:starts[d] + sizes[d]].tolist() == trie.encode(want) + [0], lines[k]
+        elif want is not None:
+            declined += 1  # an escaped key, padding, NaN/Infinity, a lone surrogate or deep nesting elsewhere
+            assert any(x in lines[k] for x in ("\\u0078", "NaN", "Infinity", "\\ud800", "\\udc00", "[" * 33)) \
+                or lines[k] != lines[k].strip(), lines[k]
+    assert (sizes >= 0).sum() > 300 and declined < 0.5 * (sizes >= 0).sum()
+    # A document over max_size ids is left to Python (which names it); other lines are unaffected.
+    data = '{"text": "%s"}\n{"text": "ab"}' % ("中" * 50)
+    _, _, sizes = trie.encode_plain_jsonl(data.encode(), "text", 10)
+    assert sizes.tolist() == [-1, len(trie.encode("ab")) + 1]
+    # The text field is the one named, matched on its exact bytes.
+    ids, _, sizes = trie.encode_plain_jsonl('{"text": "x", "正文": "文"}'.encode(), "正文", 1 << 30)
+    assert ids.tolist() == trie.encode("文") + [0] and sizes.tolist() == [len(ids)]
+
+
+@needs_trie
+@pytest.mark.parametrize("fmt", ["auto", "text"])
+def test_a_block_through_the_c_reader_gives_what_python_gives(trie, fmt):
+    """A worker's block of lines through the C reader (Python for the lines it declines, merged in
+    line order) gives the ids, sizes, masks and errors of the Python path on the same records."""
+    from rwkv_bone.data.prepare import PrepareOptions, _Block, _Encoder
+    from rwkv_bone.data.tokenizer import token_dtype
+
+    rng = random.Random(11)
+    lines = [_random_record(rng) for _ in range(3000)] + ['{"query": "q", "response": "r"}', '{"text": "last"}']
+    data = "\n".join(lines).encode("utf-8")
+    enc = _Encoder(trie, PrepareOptions("x.jsonl", "out", format=fmt), "jsonl", token_dtype(trie.vocab_size))
+    records = [(k + 1, s.rstrip("\r").encode()) for k, s in enumerate(lines) if s.strip(" \t\n\r\x0b\x0c")]
+    a, b = enc.encode_batch(_Block(1, data)), enc.encode_batch((records, len(data)))
+    assert a.tokens.tolist() == b.tokens.tolist() and a.sizes.tolist() == b.sizes.tolist()
+    assert a.errors == b.errors and a.nbytes == b.nbytes and len(a.errors) > 100
+    assert (a.masks is None) == (b.masks is None) == (fmt == "text")
+    if fmt == "auto":
+        assert a.masks.tolist() == b.masks.tolist() and 0 in a.masks.tolist()
+    assert enc._plain_block(_Block(1, data)) is not None  # the C reader did take this block
+    clean = "\n".join(f'{{"text": "doc {i} 中文"}}' for i in range(50)).encode()
+    alone = enc.encode_batch(_Block(1, clean))  # no line for Python: the reader's ids as they are
+    assert alone.tokens.tolist() == sum((trie.encode(f"doc {i} 中文") + [0] for i in range(50)), [])

@@ -209,14 +209,53 @@ class _Encoder:
         return [(first + k, line.rstrip(cr)) for k, line in enumerate(lines) if line.strip(blank)]  # type: ignore
 
     def encode_batch(self, batch: _Block | tuple[list[tuple[int, bytes]], int]) -> _Encoded:
-        """Parse every record of the batch (a block of lines, or (records, bytes)), encode all their
-        texts in one tokenizer call, then assemble the documents in record order (the same ids
-        and errors as record by record)."""
+        """The documents of a batch (a block of lines, or (records, bytes)) in record order: the
+        same ids and errors as record by record."""
         if isinstance(batch, _Block):
-            records: Sequence[tuple[int, str | bytes]] = self._block_lines(batch)
-            nbytes = len(batch.data)
-        else:
-            records, nbytes = batch
+            done = self._plain_block(batch)
+            if done is not None:
+                return done
+            return self._encode_records(self._block_lines(batch), len(batch.data))[0]
+        return self._encode_records(*batch)[0]
+
+    def _plain_block(self, block: _Block) -> _Encoded | None:
+        """A .jsonl block through the tokenizer's C reader of plain records (encode_plain_jsonl:
+        {"text": "...", ...} lines parsed, encoded and closed with their 0 in C), every other line
+        through _encode_records, the two merged in line order. None where that reader does not
+        apply: no such reader, another record format, or a block that is not valid UTF-8."""
+        reader = getattr(self.tok, "encode_plain_jsonl", None)
+        if reader is None or self.kind != "jsonl" or self.fmt.format not in ("auto", "text"):
+            return None
+        try:
+            text = block.data.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        ids, lines, sizes = reader(block.data, self.fmt.text_field, MAX_ITEM)
+        ids = ids.astype(self.dtype, copy=False)
+        rest = sizes < 0
+        if not rest.any():
+            return _Encoded(ids, sizes, None, [], len(block.data))
+        split = text.split("\n")
+        records = [(block.first + k, split[k].rstrip("\r")) for k in lines[rest].tolist()]
+        sub, kept = self._encode_records(records, 0)
+        # Each document's line, C's first then Python's; the merged order sorts by line.
+        line = np.concatenate([lines[~rest], lines[rest][kept]])
+        size = np.concatenate([sizes[~rest], sub.sizes])
+        pool = np.concatenate([ids, sub.tokens])
+        start = np.cumsum(size) - size                      # each document's ids in pool
+        order = np.argsort(line, kind="stable")
+        out_sizes = size[order]
+        out_start = np.cumsum(out_sizes) - out_sizes
+        gather = np.repeat(start[order] - out_start, out_sizes) + np.arange(int(out_sizes.sum()))
+        masks = None
+        if sub.masks is not None:
+            masks = np.concatenate([np.ones(len(ids), np.uint8), sub.masks])[gather]
+        return _Encoded(pool[gather], out_sizes, masks, sub.errors, len(block.data))
+
+    def _encode_records(self, records: Sequence[tuple[int, str | bytes]], nbytes: int
+                        ) -> tuple[_Encoded, np.ndarray]:
+        """(documents, the record index of each): parse every record, encode all their texts in
+        one tokenizer call, then assemble the documents in record order."""
         errors: list[tuple[int, int, str]] = []   # (record index, line, message) of skipped records
         texts: list[str] = []
         parsed: list[tuple[int, int, bool]] = []  # (record index, line, has a prompt)
@@ -275,7 +314,8 @@ class _Encoder:
             values = np.tile(np.array([0, 1], np.uint8), len(sizes))
             masks = np.repeat(values, np.stack([p_len, sizes - p_len], axis=1).reshape(-1))
         errors.sort(key=lambda e: e[0])            # record order, as the records came
-        return _Encoded(tokens, sizes.astype(np.int64), masks, [e[1:] for e in errors], nbytes)
+        kept = np.array([p[0] for p in parsed], dtype=np.int64)[keep] if n else np.zeros(0, np.int64)
+        return _Encoded(tokens, sizes.astype(np.int64), masks, [e[1:] for e in errors], nbytes), kept
 
 
 _WORKER: _Encoder | None = None

@@ -164,3 +164,223 @@ int64_t rb_trie_encode_many(const Trie *t, const uint8_t *s, const int64_t *off,
 }
 
 int64_t rb_trie_nodes(const Trie *t) { return t->nodes; }
+
+/* ---- make_data's plain records, parsed and encoded here ----------------------------------------
+
+   A block of .jsonl lines (valid UTF-8: the caller checked) is read line by line. A line is
+   *plain* when it is, byte for byte, one JSON object (nothing before '{' or after '}', a trailing
+   '\r' aside) whose keys have no escapes, whose text key has a string value, and whose other values
+   are strings, numbers, true/false/null or arrays/objects of those; its text is the last value of
+   the text key (json.loads keeps the last of a repeated key). Strings are read as Python's json
+   reads them: no raw control bytes, the escapes \" \\ \/ \b \f \n \r \t and \uXXXX, where a
+   surrogate must be a high one followed by a low one. Anything else -- a lone surrogate, NaN,
+   nesting deeper than MAX_DEPTH, invalid JSON, a document over max_size -- is *not plain*:
+   the caller gives that line to Python, whose reading defines the result (and its error). Saying
+   "not plain" is always safe; saying "plain" must mean json.loads agrees. */
+
+#define MAX_DEPTH 32
+
+static inline int is_ws(uint8_t c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
+
+static inline const uint8_t *skip_ws(const uint8_t *p, const uint8_t *e) {
+    while (p < e && is_ws(*p)) p++;
+    return p;
+}
+
+static int hex4(const uint8_t *p, const uint8_t *e, uint32_t *v) {
+    if (e - p < 4) return 0;
+    uint32_t x = 0;
+    for (int k = 0; k < 4; k++) {
+        uint8_t c = p[k], l = c | 32;
+        if (c >= '0' && c <= '9') x = x << 4 | (uint32_t)(c - '0');
+        else if (l >= 'a' && l <= 'f') x = x << 4 | (uint32_t)(l - 'a' + 10);
+        else return 0;
+    }
+    *v = x;
+    return 1;
+}
+
+/* The JSON string whose opening quote is just before *pp: its UTF-8 bytes into out (when not
+   NULL); *pp moves past the closing quote. Returns the number of bytes, -1 when not plain. */
+static int64_t json_string(const uint8_t **pp, const uint8_t *e, uint8_t *out) {
+    const uint8_t *p = *pp;
+    int64_t m = 0;
+    while (p < e) {
+        uint8_t c = *p++;
+        if (c == '"') { *pp = p; return m; }
+        if (c < 0x20) return -1;
+        if (c != '\\') { if (out) out[m] = c; m++; continue; }
+        if (p >= e) return -1;
+        uint32_t u;
+        switch (c = *p++) {
+        case '"': case '\\': case '/': u = c; break;
+        case 'b': u = '\b'; break;
+        case 'f': u = '\f'; break;
+        case 'n': u = '\n'; break;
+        case 'r': u = '\r'; break;
+        case 't': u = '\t'; break;
+        case 'u': {
+            if (!hex4(p, e, &u)) return -1;
+            p += 4;
+            if (u >= 0xDC00 && u <= 0xDFFF) return -1;            /* a lone low surrogate */
+            if (u >= 0xD800 && u <= 0xDBFF) {
+                uint32_t lo;
+                if (e - p < 6 || p[0] != '\\' || p[1] != 'u' || !hex4(p + 2, e, &lo) || lo < 0xDC00 || lo > 0xDFFF)
+                    return -1;                                     /* a lone high surrogate */
+                p += 6;
+                u = 0x10000 + ((u - 0xD800) << 10) + (lo - 0xDC00);
+            }
+            break;
+        }
+        default: return -1;
+        }
+        if (out) {
+            if (u < 0x80) out[m] = (uint8_t)u;
+            else if (u < 0x800) { out[m] = (uint8_t)(0xC0 | u >> 6); out[m + 1] = (uint8_t)(0x80 | (u & 63)); }
+            else if (u < 0x10000) {
+                out[m] = (uint8_t)(0xE0 | u >> 12); out[m + 1] = (uint8_t)(0x80 | (u >> 6 & 63));
+                out[m + 2] = (uint8_t)(0x80 | (u & 63));
+            } else {
+                out[m] = (uint8_t)(0xF0 | u >> 18); out[m + 1] = (uint8_t)(0x80 | (u >> 12 & 63));
+                out[m + 2] = (uint8_t)(0x80 | (u >> 6 & 63)); out[m + 3] = (uint8_t)(0x80 | (u & 63));
+            }
+        }
+        m += u < 0x80 ? 1 : u < 0x800 ? 2 : u < 0x10000 ? 3 : 4;
+    }
+    return -1;                                                      /* no closing quote */
+}
+
+static const uint8_t *json_value(const uint8_t *p, const uint8_t *e, int depth);
+
+/* A number as json reads it: -?(0|[1-9][0-9]*)(.[0-9]+)?([eE][-+]?[0-9]+)?, ASCII digits. */
+static const uint8_t *json_number(const uint8_t *p, const uint8_t *e) {
+    if (p < e && *p == '-') p++;
+    if (p >= e || *p < '0' || *p > '9') return NULL;
+    if (*p == '0') p++;
+    else while (p < e && *p >= '0' && *p <= '9') p++;
+    if (p + 1 < e && *p == '.' && p[1] >= '0' && p[1] <= '9') {
+        p += 2;
+        while (p < e && *p >= '0' && *p <= '9') p++;
+    }
+    if (p < e && (*p == 'e' || *p == 'E')) {
+        const uint8_t *q = p + 1;
+        if (q < e && (*q == '+' || *q == '-')) q++;
+        if (q < e && *q >= '0' && *q <= '9') {
+            while (q < e && *q >= '0' && *q <= '9') q++;
+            p = q;
+        }
+    }
+    return p;
+}
+
+static const uint8_t *json_word(const uint8_t *p, const uint8_t *e, const char *w, size_t n) {
+    return (size_t)(e - p) >= n && memcmp(p, w, n) == 0 ? p + n : NULL;
+}
+
+/* Past the JSON value at p (a value other than the text), or NULL when not plain. */
+static const uint8_t *json_value(const uint8_t *p, const uint8_t *e, int depth) {
+    if (p >= e) return NULL;
+    switch (*p) {
+    case '"': p++; return json_string(&p, e, NULL) < 0 ? NULL : p;
+    case 't': return json_word(p, e, "true", 4);
+    case 'f': return json_word(p, e, "false", 5);
+    case 'n': return json_word(p, e, "null", 4);
+    case '[': case '{': {
+        if (depth >= MAX_DEPTH) return NULL;
+        uint8_t close = *p == '[' ? ']' : '}';
+        int object = *p == '{';
+        p = skip_ws(p + 1, e);
+        if (p < e && *p == close) return p + 1;
+        for (;;) {
+            if (object) {
+                if (p >= e || *p != '"') return NULL;
+                p++;
+                if (json_string(&p, e, NULL) < 0) return NULL;
+                p = skip_ws(p, e);
+                if (p >= e || *p != ':') return NULL;
+                p = skip_ws(p + 1, e);
+            }
+            p = json_value(p, e, depth + 1);
+            if (!p) return NULL;
+            p = skip_ws(p, e);
+            if (p >= e) return NULL;
+            if (*p == close) return p + 1;
+            if (*p != ',') return NULL;
+            p = skip_ws(p + 1, e);
+        }
+    }
+    default: return json_number(p, e);
+    }
+}
+
+/* The text of the plain record line[0 .. e) into buf; its byte count, or -1 when not plain. */
+static int64_t plain_text(const uint8_t *p, const uint8_t *e, const uint8_t *key, int64_t klen, uint8_t *buf) {
+    int64_t len = -1;
+    if (p >= e || *p != '{') return -1;
+    p = skip_ws(p + 1, e);
+    for (;;) {
+        if (p >= e || *p != '"') return -1;
+        const uint8_t *k = ++p;
+        while (p < e && *p != '"' && *p != '\\' && *p >= 0x20) p++;
+        if (p >= e || *p != '"') return -1;         /* an escape or a control byte in a key */
+        int is_key = p - k == klen && memcmp(k, key, (size_t)klen) == 0;
+        p = skip_ws(p + 1, e);
+        if (p >= e || *p != ':') return -1;
+        p = skip_ws(p + 1, e);
+        if (is_key && p < e && *p == '"') {
+            p++;
+            len = json_string(&p, e, buf);
+            if (len < 0) return -1;
+        } else {
+            if (!(p = json_value(p, e, 1))) return -1;
+            if (is_key) len = -1;                   /* a text that is not a string (unless a later one is) */
+        }
+        p = skip_ws(p, e);
+        if (p >= e) return -1;
+        if (*p == '}') { p++; break; }
+        if (*p != ',') return -1;
+        p = skip_ws(p + 1, e);
+    }
+    return p == e ? len : -1;
+}
+
+/* Every line of the block data[0 .. n) that is not blank (only " \t\n\r\v\f"): line[d] gets its
+   index in the block; a plain record's text is encoded into out (room for n + 1 ids) followed by
+   a 0 and size[d] gets its number of ids with that 0; a line that is not plain, or whose document
+   would exceed max_size ids, gets size[d] = -1 and no ids. line and size have room for the block's
+   number of lines. Returns the number of non-blank lines, or -1 when out of memory; *n_ids gets
+   the number of ids written. */
+int64_t rb_trie_encode_plain_jsonl(const Trie *t, const uint8_t *data, int64_t n, const uint8_t *key,
+                                   int64_t klen, int64_t max_size, void *out, int wide,
+                                   int64_t *line, int64_t *size, int64_t *n_ids) {
+    uint8_t *buf = malloc((size_t)(n > 0 ? n : 1));
+    if (!buf) return -1;
+    int64_t d = 0, m = 0, k = 0;
+    for (const uint8_t *p = data, *end = data + n; p <= end; k++) {
+        const uint8_t *nl = memchr(p, '\n', (size_t)(end - p));
+        const uint8_t *e = nl ? nl : end, *q = p;
+        while (q < e && (is_ws(*q) || *q == '\v' || *q == '\f')) q++;
+        if (q < e) {
+            const uint8_t *r = e;
+            while (r > p && r[-1] == '\r') r--;
+            int64_t len = plain_text(p, r, key, klen, buf);
+            line[d] = k;
+            size[d] = -1;
+            if (len >= 0) {
+                void *at = wide ? (void *)((int32_t *)out + m) : (void *)((uint16_t *)out + m);
+                int64_t c = rb_trie_encode(t, buf, len, at, wide);
+                if (c + 1 <= max_size) {
+                    if (wide) ((int32_t *)out)[m + c] = 0; else ((uint16_t *)out)[m + c] = 0;
+                    m += c + 1;
+                    size[d] = c + 1;
+                }
+            }
+            d++;
+        }
+        if (!nl) break;
+        p = nl + 1;
+    }
+    free(buf);
+    *n_ids = m;
+    return d;
+}

@@ -59,6 +59,10 @@ def _library() -> ctypes.CDLL:
     lib.rb_trie_encode_many.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int64,
                                         ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
     lib.rb_trie_encode_many.restype = ctypes.c_int64
+    lib.rb_trie_encode_plain_jsonl.argtypes = [
+        ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int64, ctypes.c_char_p, ctypes.c_int64, ctypes.c_int64,
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    lib.rb_trie_encode_plain_jsonl.restype = ctypes.c_int64
     lib.rb_trie_nodes.argtypes = [ctypes.c_void_p]
     lib.rb_trie_nodes.restype = ctypes.c_int64
     return lib
@@ -165,6 +169,24 @@ class TrieWorldTokenizer:
         n = self._lib.rb_trie_encode_many(self._trie, data, off.ctypes.data, len(parts), out.ctypes.data,
                                           int(self.dtype.itemsize == 4), counts.ctypes.data)
         return out[:n], counts
+
+    def encode_plain_jsonl(self, block: bytes, text_field: str, max_size: int
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, lines, sizes) of a block of .jsonl lines (valid UTF-8), parsed and encoded in C
+        (world_trie.c): for each non-blank line, its index in the block and, when it is a plain
+        record {"<text_field>": "...", ...} whose document fits max_size ids, its document's size
+        (ids + the final 0) with those ids in `ids`; -1 for any other line (Python reads those)."""
+        n = len(block)
+        out = np.empty(n + 1, self.dtype)
+        room = block.count(b"\n") + 1
+        lines, sizes, n_ids = np.empty(room, np.int64), np.empty(room, np.int64), ctypes.c_int64(0)
+        key = text_field.encode("utf-8")
+        d = self._lib.rb_trie_encode_plain_jsonl(
+            self._trie, block, n, key, len(key), max_size, out.ctypes.data, int(self.dtype.itemsize == 4),
+            lines.ctypes.data, sizes.ctypes.data, ctypes.byref(n_ids))
+        if d < 0:
+            raise MemoryError("out of memory parsing a block of records")
+        return out[:n_ids.value], lines[:d], sizes[:d]
 
     def encode_many(self, texts: list[str]) -> list[list[int]]:
         ids, counts = self.encode_flat(texts)
