@@ -8,6 +8,7 @@ Everything else - ZeRO partitioning, gradient clipping, checkpoint files - is De
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import warnings
@@ -66,7 +67,16 @@ def _cpu_deepspeed_class():
             # Same as DeepSpeedStrategy.setup_distributed minus the GPU index check.
             reset_seed()
             self.set_world_ranks()
-            self._init_deepspeed_distributed()
+            # DeepSpeed's CPU backend JIT-builds its shared-memory op here, which only its
+            # inference_all_reduce uses (training's collectives are gloo's): skip the build, a
+            # minute of compiling on a fresh machine, whose lock file, left by a run killed
+            # mid-build, makes every later run wait forever.
+            ds_torch = importlib.import_module("deepspeed.comm.torch")  # `deepspeed.comm.torch` names torch
+            build, ds_torch.build_shm_op = ds_torch.build_shm_op, lambda: None
+            try:
+                self._init_deepspeed_distributed()
+            finally:
+                ds_torch.build_shm_op = build
 
         def _get_process_group_backend(self) -> str:
             return "gloo"
