@@ -21,7 +21,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 setup: $(VENV)/.installed
 
 test: setup
-	$(VPY) -m pytest -q -x --timeout=900
+	$(VPY) -m pytest -q -x --timeout=900 --durations=15
 
 demo: setup
 	$(VPY) scripts/demo.py --out demo_out

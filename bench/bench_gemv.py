@@ -1,7 +1,10 @@
 """The few-row CPU decode kernel (rwkv_bone/gemv) against torch's matmul, side by side in one run:
 GB/s of weight read for y = x W^T over one model's worth of decode-step weight shapes, at each
 batch size, for fp32 and bf16; with --sweep, every block height R the kernel has for each batch
-(the table RB_ROWS in gemv.c was chosen from this).
+(the table RB_ROWS in gemv.c was chosen from this). Beside each kernel figure: its GFLOP/s (2 B
+flops per weight read) and their share of the cores' own ceiling, measured first in the same run
+with bench/fma_peak.c (independent 512-bit FMA / vdpbf16ps chains on every thread, no memory):
+where the share is high, more rows per step cannot come faster from any kernel layout.
 
     python bench/bench_gemv.py [--n_embd 2048 --n_ffn 7168 --layers 6 --batches 1,2,4,8,16
                                 --dtype fp32,bf16 --repeats 5 --sweep]
@@ -18,11 +21,12 @@ import ctypes
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from rwkv_bone import gemv  # noqa: E402
+from rwkv_bone import gemv, native  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 HEIGHTS = (1, 2, 3, 4)
@@ -36,6 +40,20 @@ def best_gbs(fn, nbytes: int, repeats: int) -> float:
         fn()
         best = min(best, time.perf_counter() - t)
     return nbytes / best / 1e9
+
+
+def peak_gflops(name: str, threads: int, repeats: int) -> float:
+    """The cores' fp32 FMA (or bf16 dot-product) ceiling in GFLOP/s, best of `repeats` (fma_peak.c)."""
+    lib = ctypes.CDLL(str(native.build(Path(__file__).with_name("fma_peak.c"), gemv.CFLAGS)))
+    fn = lib.rb_peak_bf16 if name == "bf16" else lib.rb_peak_f32
+    fn.argtypes, fn.restype = [ctypes.c_int64, ctypes.c_int], ctypes.c_double
+    fn(1 << 20, threads)
+    best = 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        flops = fn(1 << 25, threads)
+        best = max(best, flops / (time.perf_counter() - t) / 1e9)
+    return best
 
 
 def main() -> None:
@@ -61,7 +79,8 @@ def main() -> None:
         g = torch.Generator().manual_seed(0)
         ws = [torch.randn(*s, generator=g).to(dtype) for _ in range(args.layers) for s in shapes]
         nbytes = sum(w.numel() * w.element_size() for w in ws)
-        print(f"{name}: {nbytes / 1e9:.2f} GB")
+        peak = peak_gflops(name, threads, args.repeats)
+        print(f"{name}: {nbytes / 1e9:.2f} GB; the cores' ceiling {peak:.0f} GFLOP/s (fma_peak.c)")
         for B in (int(b) for b in args.batches.split(",")):
             xs = {K: torch.randn(B, K, generator=g).to(dtype) for K in (C, F)}
             torch_gbs = best_gbs(lambda: [torch.nn.functional.linear(xs[w.shape[1]], w) for w in ws], nbytes, args.repeats)
@@ -69,7 +88,8 @@ def main() -> None:
             line = f"  B {B:2d}: torch {torch_gbs:5.1f}"
             if kernel is not None:
                 k_gbs = best_gbs(kernel, nbytes, args.repeats)
-                line += f"   kernel {k_gbs:5.1f}  ({k_gbs / torch_gbs:.2f}x)"
+                gflops = k_gbs / dtype.itemsize * 2 * B
+                line += f"   kernel {k_gbs:5.1f}  ({k_gbs / torch_gbs:.2f}x; {gflops:4.0f} GFLOP/s, {gflops / peak:4.0%} of the ceiling)"
             if args.sweep and kernel is not None:
                 nb = min(B, 8)
                 shipped = lib.rb_gemv_get_rows(bf16, nb)
