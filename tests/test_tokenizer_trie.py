@@ -206,10 +206,13 @@ def _python_text(line: str) -> str | None:
     except (StopIteration, ValueError):
         return None
     text = rec.get("text") if isinstance(rec, dict) and end == len(line) else None
+    if not isinstance(text, str):
+        return None
     try:
-        return text if isinstance(text, str) and text.encode("utf-8") is not None else None
+        text.encode("utf-8")  # a lone surrogate: not valid Unicode, the general path names it
     except UnicodeEncodeError:
         return None
+    return text
 
 
 @needs_trie

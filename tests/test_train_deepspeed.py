@@ -31,7 +31,8 @@ def uninterrupted(files):
     shared-memory op left that build's lock (torch's FileBaton waits on it forever): our CPU
     strategy never builds that op, so the run does not wait."""
     ext = files["dir"] / "torch_extensions"
-    for folder in (ext / "deepspeed_shm_comm", ext / f"py{sys.version_info[0]}{sys.version_info[1]}_cpu" / "deepspeed_shm_comm"):
+    build_folder = f"py{sys.version_info[0]}{sys.version_info[1]}_cpu"  # torch's per-Python sub-folder
+    for folder in (ext / "deepspeed_shm_comm", ext / build_folder / "deepspeed_shm_comm"):
         folder.mkdir(parents=True)
         (folder / "lock").touch()
     proj = str(files["dir"] / "full")

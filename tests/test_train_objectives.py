@@ -210,12 +210,21 @@ def test_grpo_iterations_reuse_rollouts_and_clip_from_the_second_update(files, t
     assert float(got[0]["reward_std"]) > 0
 
 
-def test_grpo_iterations_resumed_after_sigkill_end_with_the_same_adapter(files, tmp_path):
-    proj_a, proj_b = str(tmp_path / "a"), str(tmp_path / "b")
-    over = dict(grpo_iterations=2, epoch_steps=4, epoch_count=2, save_every_steps=2, lr_init=0.1)
-    r = train_cli(grpo_flags(files, proj_a, **over))
+ITERATIONS = dict(grpo_iterations=2, epoch_steps=4, epoch_count=2, save_every_steps=2, lr_init=0.1)
+
+
+@pytest.fixture(scope="module")
+def iterations_run(files):
+    """One uninterrupted --grpo_iterations run: what the interrupted runs below must end as."""
+    proj = str(files["dir"] / "iterations-uninterrupted")
+    r = train_cli(grpo_flags(files, proj, **ITERATIONS))
     assert r.returncode == 0, r.stderr[-2000:]
-    flags_b = grpo_flags(files, proj_b, **over)
+    return proj
+
+
+def test_grpo_iterations_resumed_after_sigkill_end_with_the_same_adapter(files, iterations_run, tmp_path):
+    proj_a, proj_b = iterations_run, str(tmp_path / "b")
+    flags_b = grpo_flags(files, proj_b, **ITERATIONS)
     kill_when(flags_b, lambda: os.path.isfile(os.path.join(proj_b, "metrics.csv")) and len(rows(proj_b)) >= 3)
     assert state_step(proj_b) in (2, 4, 6)  # states only between batches of rollouts
     r = train_cli(flags_b + ["--resume"])
@@ -224,14 +233,12 @@ def test_grpo_iterations_resumed_after_sigkill_end_with_the_same_adapter(files, 
     assert any(float(r["clip_fraction"]) > 0 for r in rows(proj_a))
 
 
-def test_grpo_iterations_stopped_by_my_exit_tokens_between_batches_and_extended_end_alike(files, tmp_path):
+def test_grpo_iterations_stopped_by_my_exit_tokens_between_batches_and_extended_end_alike(files, iterations_run,
+                                                                                          tmp_path):
     # --my_exit_tokens may only end a --grpo_iterations run between batches of rollouts (inside one
     # it is refused, see below), so the extended run regenerates exactly the batch it would have had.
-    proj_a, proj_b = str(tmp_path / "a"), str(tmp_path / "b")
-    over = dict(grpo_iterations=2, epoch_steps=4, epoch_count=2, save_every_steps=2, lr_init=0.1)
-    r = train_cli(grpo_flags(files, proj_a, **over))
-    assert r.returncode == 0, r.stderr[-2000:]
-    flags_b = grpo_flags(files, proj_b, **over)
+    proj_a, proj_b = iterations_run, str(tmp_path / "b")
+    flags_b = grpo_flags(files, proj_b, **ITERATIONS)
     r = train_cli(flags_b + ["--my_exit_tokens", str(2 * 2 * 16)])  # 2 steps of 2 x 16 tokens
     assert r.returncode == 0, r.stderr[-2000:]
     assert state_step(proj_b) == 2
