@@ -63,7 +63,19 @@ def base_flags(ckpt: str, data: str, proj: str, **over) -> list[str]:
     return out
 
 
-def train_cli(flags: list[str], env: dict | None = None, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+def train_cli(flags: list[str], env: dict | None = None, timeout: float = 300, process: bool | None = None,
+              **kw) -> subprocess.CompletedProcess:
+    """`python train.py FLAGS`: (returncode, stdout, stderr) as a CompletedProcess.
+
+    A run on one process runs here, in this interpreter (train.py's own main through run_cli, stdout
+    and stderr captured, env set for the run, one torch thread as a process gets): that saves the
+    ~5 s of a fresh interpreter importing Lightning. A DeepSpeed run on several processes, a call with
+    subprocess keywords, or process=True (where the test is about the process: its exit, its noise)
+    starts a real `python train.py`."""
+    if process is None:
+        process = bool(kw) or _launches_processes(flags)
+    if not process:
+        return _train_here(flags, env or {})
     e = dict(os.environ)
     e.setdefault("OMP_NUM_THREADS", "1")
     e["PYTHONPATH"] = REPO + os.pathsep + e.get("PYTHONPATH", "")
@@ -71,3 +83,43 @@ def train_cli(flags: list[str], env: dict | None = None, timeout: float = 300, *
         e.update(env)
     return subprocess.run([sys.executable, TRAIN, *flags], capture_output=True, text=True, env=e,
                           timeout=timeout, cwd=REPO, **kw)
+
+
+def _launches_processes(flags: list[str]) -> bool:
+    value = {f: flags[i + 1] for i, f in enumerate(flags[:-1]) if f.startswith("--")}
+    return value.get("--devices", "1") != "1" or "deepspeed" in value.get("--strategy", "")
+
+
+def _train_here(flags: list[str], env: dict) -> subprocess.CompletedProcess:
+    import contextlib
+    import io
+    import random
+    import traceback
+
+    from rwkv_bone.cli import run_cli
+    from rwkv_bone.cli.train import main
+
+    saved_env, saved_cwd, threads = dict(os.environ), os.getcwd(), torch.get_num_threads()
+    rng = (random.getstate(), np.random.get_state(), torch.random.get_rng_state())
+    out, err = io.StringIO(), io.StringIO()
+    os.environ.update(env)
+    os.chdir(REPO)
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                run_cli(lambda: main(list(flags)))
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except Exception:  # what a process would print before exiting 1
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.chdir(saved_cwd)
+        torch.set_num_threads(threads)
+        random.setstate(rng[0])
+        np.random.set_state(rng[1])
+        torch.random.set_rng_state(rng[2])
+    return subprocess.CompletedProcess([TRAIN, *flags], code, out.getvalue(), err.getvalue())

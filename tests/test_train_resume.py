@@ -90,7 +90,8 @@ def test_wandb_offline_records_the_losses(files, tmp_path):
     proj, wdir = str(tmp_path / "run"), str(tmp_path / "wandb")
     os.makedirs(wdir)
     r = train_cli(base_flags(files["ckpt"], files["data"], proj, epoch_count=1, wandb="rwkv-bone-test"),
-                  env={"WANDB_MODE": "offline", "WANDB_DIR": wdir, "WANDB_SILENT": "true"})
+                  env={"WANDB_MODE": "offline", "WANDB_DIR": wdir, "WANDB_SILENT": "true"},
+                  process=True)  # wandb finishes its run file when the process exits
     assert r.returncode == 0, r.stderr[-2000:]
     runs = glob.glob(os.path.join(wdir, "wandb", "offline-run-*", "run-*.wandb"))
     assert len(runs) == 1

@@ -218,7 +218,7 @@ def test_checkpoint_that_is_not_rwkv6_is_a_user_error(files, tmp_path):
 
 
 def test_cli_prints_one_line_and_exits_2_on_user_error(tmp_path):
-    r = train_cli(["--load_model", str(tmp_path / "missing.pth"), "--data_file", "x"])
+    r = train_cli(["--load_model", str(tmp_path / "missing.pth"), "--data_file", "x"], process=True)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"error: --load_model {tmp_path / 'missing.pth'} does not exist; "
                                              "give the path of an RWKV-6 .pth file"]
