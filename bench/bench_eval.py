@@ -1,7 +1,8 @@
 """Greedy decoding tokens/s, side by side in one run on one model and dtype: the official `rwkv`
 package's one-token path, ours at batch 1 and ours at --batch rows (rwkv_bone.decode.greedy_batch,
 i.e. RWKV6.step), for each --dtype; where the CPU decode kernel (rwkv_bone/gemv) runs, ours again
-with torch's matmul in its place.
+with torch's matmul in its place, and for fp32 (which load_model packs, rwkv_bone/gemv/packed.py)
+ours again with the row-major kernel.
 
     python bench/bench_eval.py [--n_layer 24 --n_embd 2048 --vocab 65536 --tokens 16 --batch 8
                                 --dtype fp32,bf16 --repeats 2 --dir /tmp]
@@ -28,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from rwkv_bone import gemv  # noqa: E402
 from rwkv_bone.config import RWKV6Config  # noqa: E402
 from rwkv_bone.decode import greedy_batch  # noqa: E402
+from rwkv_bone.gemv.packed import PackedLinear, pack_linears  # noqa: E402
 from rwkv_bone.model import RWKV6  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -70,6 +72,16 @@ class Package:
         return time.perf_counter() - t0
 
 
+def unpack_linears(model: RWKV6) -> None:
+    """Undo pack_linears in place (the row-major and torch paths run on plain nn.Linear weights)."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, PackedLinear):
+                lin = torch.nn.Linear(child.in_features, child.out_features, bias=False, device="meta")
+                lin.weight = torch.nn.Parameter(child.weight, requires_grad=False)
+                setattr(module, name, lin)
+
+
 def ours(model: RWKV6, prompts: list[list[int]], n: int, batch: int) -> tuple[float, int, float]:
     """(prefill seconds, tokens made by the steps, step seconds) of greedy_batch: every prompt joins
     before the first on_step call (len(prompts) <= batch); the steps run between the first and last."""
@@ -107,26 +119,34 @@ def main() -> None:
             model.save_checkpoint(path)
             pkg = Package(path, name)
         ours(model, prompts[:1], 3, 1)  # warm-up (first-call allocations, the kernel's build)
-        paths = [("pkg", 0, None), ("one", 1, True), ("many", args.batch, True)]
+        # (key, rows, kernel on, packed): "one"/"many" are what load_model ships (fp32: packed)
+        packs = DTYPES[name] == torch.float32 and gemv.available()
+        paths = [("pkg", 0, None, False), ("one", 1, True, packs), ("many", args.batch, True, packs)]
+        if packs:  # the row-major kernel beside the packed one
+            paths += [("one_rows", 1, True, False), ("many_rows", args.batch, True, False)]
         if gemv.available():  # ours with torch's matmul as well, side by side
-            paths += [("one_torch", 1, False), ("many_torch", args.batch, False)]
-        best = {key: float("inf") for key, _, _ in paths}
+            paths += [("one_torch", 1, False, False), ("many_torch", args.batch, False, False)]
+        best = {key: float("inf") for key, _, _, _ in paths}
         made, prefill = {}, float("inf")
         for _ in range(args.repeats):
-            for key, rows, kernel in paths:
+            for key, rows, kernel, packed in sorted(paths, key=lambda p: p[3]):  # row-major first, then packed
                 if key == "pkg":
                     best[key] = min(best[key], pkg.decode_s(prompts[0], args.tokens))
                     continue
+                if packed and not any(isinstance(m, PackedLinear) for m in model.modules()):
+                    pack_linears(model)
                 gemv.set_enabled(kernel)
                 pre, made[key], s = ours(model, prompts[:rows], args.tokens, rows)
                 best[key] = min(best[key], s)
                 if key == "many":
                     prefill = min(prefill, pre)
             gemv.set_enabled(True)
+            unpack_linears(model)
         tps = {key: (made[key] if key in made else args.tokens - 1) / best[key] for key in best}
         labels = {"pkg": "rwkv package (one-token forward)", "one": "ours, batch 1",
                   "many": f"ours, batch {args.batch}", "one_torch": "ours, batch 1, torch matmul",
-                  "many_torch": f"ours, batch {args.batch}, torch matmul"}
+                  "many_torch": f"ours, batch {args.batch}, torch matmul",
+                  "one_rows": "ours, batch 1, row-major kernel", "many_rows": f"ours, batch {args.batch}, row-major kernel"}
         for key in best:
             print(f"{name:5s} {labels[key]:34s} {tps[key]:10.2f} {tps[key] / tps['pkg']:10.2f}x "
                   f"{tps[key] / tps['one']:10.2f}x", flush=True)

@@ -70,12 +70,13 @@ def fold_adapters(sd: dict, files: Sequence, describe: Callable[[str], str]) -> 
 
 def load_model(path: str, adapter: Optional[str | Sequence[str]] = None, *,
                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               lora_alpha: Optional[float] = None, pissa_init: Optional[str] = None) -> RWKV6:
+               lora_alpha: Optional[float] = None, pissa_init: Optional[str] = None, pack: bool = True) -> RWKV6:
     """An RWKV-6 model ready for inference, with `adapter` (one path or several, any format that
     rwkv_bone.peft.formats reads: e.g. a Bone/LoRA adapter and a state-tuning file) folded into its
     weights in order, so it runs exactly as fast as the base model (a learned initial state costs
     nothing per token either). The merge is computed in float32 from the wider of the checkpoint's
-    and the requested dtype (as merge.py does)."""
+    and the requested dtype (as merge.py does). A float32 CPU model has its linears packed for the
+    decode kernel (rwkv_bone.gemv.packed; same products, fewer bytes of traffic), unless pack=False."""
     dev = resolve_device(device)
     adapters = adapter_list(adapter)
     from .checkpoint import converted_checked, load_state_dict
@@ -84,7 +85,7 @@ def load_model(path: str, adapter: Optional[str | Sequence[str]] = None, *,
         # One pass over the weights: cast and NaN/inf check together (load_state_dict would check
         # the mapped file first, and the cast read it all again).
         sd = converted_checked(load_state_dict(path, check_finite=False), dtype, dev, os.fspath(path))
-        return RWKV6.from_state_dict(sd, dtype=dtype, device=dev).eval()
+        return _ready(RWKV6.from_state_dict(sd, dtype=dtype, device=dev), pack)
 
     files = read_adapters(adapters, lora_alpha, pissa_init)
     base = load_state_dict(path)
@@ -93,7 +94,15 @@ def load_model(path: str, adapter: Optional[str | Sequence[str]] = None, *,
     sd = fold_adapters(sd, files, lambda bad: (
         f"folding {', '.join(map(str, adapters))} into {path} gives NaN or infinite values "
         f"in {bad} (adapter values too large, or a wrong --lora_alpha?); check the adapter"))
-    return RWKV6.from_state_dict(sd, dtype=dtype, device=dev).eval()
+    return _ready(RWKV6.from_state_dict(sd, dtype=dtype, device=dev), pack)
+
+
+def _ready(model: RWKV6, pack: bool) -> RWKV6:
+    if pack:
+        from .gemv.packed import pack_linears
+
+        pack_linears(model)
+    return model.eval()
 
 
 __all__ = ["DTYPES", "resolve_device", "default_device_dtype", "adapter_list", "read_adapters",
