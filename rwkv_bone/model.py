@@ -419,8 +419,7 @@ def _time_mix_step(att: TimeMix, x: Tensor, prev: Tensor, S: Tensor) -> tuple[Te
     d = torch.exp(-torch.exp(w)).view(B, H, N, 1)
     r, k, v = (t.to(wdt).view(B, H, N) for t in (r, k, v))
     u = att.time_faaaa.to(wdt)  # (H, N)
-    y = torch.matmul(r.unsqueeze(2), S).squeeze(2) + (r * u * k).sum(-1, keepdim=True) * v  # (B, H, N)
-    S = (k.unsqueeze(3) * v.unsqueeze(2)).addcmul_(d, S)  # d S + k^T v with one (B, H, N, N) allocation
+    y, S = gemv.wkv_step(S, r, k, v, d.view(B, H, N), u)  # y (B, H, N); the C kernel for float32 on CPU
     y = F.group_norm(y.reshape(B, H * N), H, att.ln_x.weight.to(wdt), att.ln_x.bias.to(wdt), LN_X_EPS)
     return _step_linear(att.output, y.to(x.dtype) * g), x, S
 

@@ -133,3 +133,24 @@ def test_build_is_cached_by_source_and_flags(monkeypatch, tmp_path):
     finally:
         gemv._library.cache_clear()
         gemv.available.cache_clear()
+
+
+@needs_kernel
+@pytest.mark.parametrize("B,H,N", [(1, 1, 1), (1, 2, 64), (5, 3, 24), (8, 32, 64)])
+def test_wkv_step_kernel_matches_float64_and_leaves_the_state_it_read(B, H, N, monkeypatch):
+    g = torch.Generator().manual_seed(B * 100 + N)
+    S, r, k, v = (torch.randn(*s, generator=g) for s in ((B, H, N, N), (B, H, N), (B, H, N), (B, H, N)))
+    d, u = torch.rand(B, H, N, generator=g), torch.randn(H, N, generator=g)
+    before = S.clone()
+    assert gemv.available()  # its self-check runs the kernel too: before the count starts
+    calls = []
+    real = gemv._run_wkv_step
+    monkeypatch.setattr(gemv, "_run_wkv_step", lambda *a: calls.append(1) or real(*a))
+    y, S2 = gemv.wkv_step(S, r, k, v, d, u)
+    assert calls and torch.equal(S, before)
+    want_y, want_S = gemv.wkv_step_reference(*(t.double() for t in (S, r, k, v, d, u)))
+    for got, want in ((y, want_y), (S2, want_S)):
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        assert float((got.double() - want).abs().max()) <= 1e-5 * max(1.0, float(want.abs().max()))
+    # float64 (the reference model) and autograd stay on torch's ops
+    assert torch.equal(gemv.wkv_step(*(t.double() for t in (S, r, k, v, d, u)))[1], want_S) and len(calls) == 1

@@ -17,6 +17,12 @@ torch.get_num_threads() threads. It needs AVX-512F and AVX512-BF16; elsewhere (n
 CPU) `available()` is False and callers use torch's matmul. Before first use it checks itself
 against a float64 product on ragged sizes (rows that do not divide its blocks, batches of 1..19)
 in both dtypes; any disagreement warns once and turns it off for the process.
+
+float32 weights can also be packed in panels of PANEL rows (`pack`, `pack_`; gemv.c explains the
+layout, rwkv_bone/gemv/packed.py holds the decode model's PackedLinear): at batch 8 the packed kernel
+reads W at ~41 GB/s where the row-major one reads ~26. The self-check covers it too, and the float32
+WKV6 state update of RWKV6.step (`wkv_step`: S read once and S' written once, where torch's ops
+read S three times and write two N x N tensors per head).
 """
 from __future__ import annotations
 
@@ -72,6 +78,8 @@ def _library() -> Optional[ctypes.CDLL]:
     lib.rb_gemv_f32_packed.restype = ctypes.c_int
     lib.rb_gemv_pack_f32_inplace.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 2 + [ctypes.c_int]
     lib.rb_gemv_pack_f32_inplace.restype = ctypes.c_int
+    lib.rb_wkv_step_f32.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.rb_wkv_step_f32.restype = None
     lib.rb_gemv_set_rows.argtypes = [ctypes.c_int] * 3
     lib.rb_gemv_get_rows.argtypes = [ctypes.c_int] * 2
     return lib
@@ -140,6 +148,34 @@ def _run_packed(lib: ctypes.CDLL, x: Tensor, packed: Tensor, n_out: int, threads
     return y
 
 
+def wkv_step_reference(S: Tensor, r: Tensor, k: Tensor, v: Tensor, d: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    """One WKV6 step in torch: S (B, H, N, N), r k v d (B, H, N), u (H, N) -> y (B, H, N), S'.
+    y = r S + (r . u . k) v, S' = diag(d) S + k^T v (RWKV6.step's math)."""
+    y = torch.matmul(r.unsqueeze(2), S).squeeze(2) + (r * u * k).sum(-1, keepdim=True) * v
+    S = (k.unsqueeze(3) * v.unsqueeze(2)).addcmul_(d.unsqueeze(3), S)  # one (B, H, N, N) allocation
+    return y, S
+
+
+def _run_wkv_step(lib: ctypes.CDLL, S: Tensor, r: Tensor, k: Tensor, v: Tensor, d: Tensor, u: Tensor,
+                  threads: int) -> tuple[Tensor, Tensor]:
+    B, H, N = r.shape
+    r, k, v, d, u, S = (t.contiguous() for t in (r, k, v, d, u, S))
+    y, S2 = torch.empty(B, H, N), torch.empty(B, H, N, N)
+    lib.rb_wkv_step_f32(S.data_ptr(), r.data_ptr(), k.data_ptr(), v.data_ptr(), d.data_ptr(), u.data_ptr(),
+                        y.data_ptr(), S2.data_ptr(), B * H, H, N, threads)
+    return y, S2
+
+
+def wkv_step(S: Tensor, r: Tensor, k: Tensor, v: Tensor, d: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    """`wkv_step_reference` through the C kernel where it runs (float32 CPU tensors, no autograd),
+    reading S once and writing S' once; torch elsewhere. Same shapes, a new S' (S is not changed)."""
+    tensors = (S, r, k, v, d, u)
+    if (_enabled and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) and available()):
+        return _run_wkv_step(_library(), S, r, k, v, d, u, torch.get_num_threads())
+    return wkv_step_reference(S, r, k, v, d, u)
+
+
 def self_check_errors(lib: ctypes.CDLL) -> dict[str, float]:
     """Relative errors of the kernels against a float64 product: rows N = 1, 37 and 101 (not a
     multiple of any block), K = 32 and 96, batches 1..19 (every block size, and groups of 8 with
@@ -168,6 +204,15 @@ def self_check_errors(lib: ctypes.CDLL) -> dict[str, float]:
                 y = _run_packed(lib, x, packed, N, threads).double()
                 worst = max(worst, float((y - ref).abs().max()) / max(1.0, float(ref.abs().max())))
     errors["float32 packed"] = worst
+    worst = 0.0
+    for B, H, N in ((1, 1, 4), (3, 2, 64), (2, 3, 24)):
+        S, r, k, v = (torch.randn(*shape, generator=g) for shape in ((B, H, N, N), (B, H, N), (B, H, N), (B, H, N)))
+        d, u = torch.rand(B, H, N, generator=g), torch.randn(H, N, generator=g)
+        want = wkv_step_reference(*(t.double() for t in (S, r, k, v, d, u)))
+        for threads in (1, 2):
+            for got, ref in zip(_run_wkv_step(lib, S, r, k, v, d, u, threads), want):
+                worst = max(worst, float((got.double() - ref).abs().max()) / max(1.0, float(ref.abs().max())))
+    errors["float32 wkv step"] = worst
     return errors
 
 

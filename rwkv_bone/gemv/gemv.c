@@ -198,6 +198,35 @@ int rb_gemv_pack_f32_inplace(float *W, int64_t N, int64_t K, int threads) {
     return failed ? -1 : 0;
 }
 
+/* ---- one WKV6 step, float32 (RWKV6.step) --------------------------------------------------------
+   For each of BH = B x H heads of size N, with state S (N, N) (row i: key channel, column j: value):
+       y[j] = sum_i r[i] S[i][j] + (sum_i r[i] u[i] k[i]) v[j],    S'[i][j] = d[i] S[i][j] + k[i] v[j]
+   (u per head: H x N). torch's path reads S three times and writes two (N, N) tensors (the matmul,
+   the outer product, the in-place update); here each row of S is read once and S' written once. */
+void rb_wkv_step_f32(const float *S, const float *r, const float *k, const float *v, const float *d,
+                     const float *u, float *y, float *S2, int64_t BH, int64_t H, int64_t N, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t bh = 0; bh < BH; bh++) {
+        const float *Sh = S + bh * N * N, *rh = r + bh * N, *kh = k + bh * N, *vh = v + bh * N;
+        const float *dh = d + bh * N, *uh = u + (bh % H) * N;
+        float *yh = y + bh * N, *S2h = S2 + bh * N * N;
+        float bonus = 0.0f;
+        for (int64_t i = 0; i < N; i++) bonus += rh[i] * uh[i] * kh[i];
+        for (int64_t j = 0; j < N; j++) yh[j] = 0.0f;
+        for (int64_t i = 0; i < N; i++) {
+            const float ri = rh[i], di = dh[i], ki = kh[i], *row = Sh + i * N;
+            float *out = S2h + i * N;
+#pragma omp simd
+            for (int64_t j = 0; j < N; j++) {
+                yh[j] += ri * row[j];
+                out[j] = di * row[j] + ki * vh[j];
+            }
+        }
+#pragma omp simd
+        for (int64_t j = 0; j < N; j++) yh[j] += bonus * vh[j];
+    }
+}
+
 int rb_gemv_f32(const float *W, const float *x, float *y, int64_t B, int64_t N, int64_t K, int threads) {
     return gemv(0, W, x, y, B, N, K, threads);
 }
