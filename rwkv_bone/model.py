@@ -400,22 +400,29 @@ def _step_linear(lin: nn.Module, x: Tensor) -> Tensor:
     return torch.bmm(x.expand(n, B, K), blocks).transpose(0, 1).reshape(B, -1)  # (B, out)
 
 
+def _step_matmul(x: Tensor, w: Tensor) -> Tensor:
+    """x (B, K) @ w (K, N): the panel kernel of rwkv_bone/gemv for float32 on the CPU (these small
+    weights come at a few GB/s through torch's sgemm at few rows), torch's matmul otherwise."""
+    y = gemv.try_matmul(x, w)
+    return x @ w if y is None else y
+
+
 def _time_mix_step(att: TimeMix, x: Tensor, prev: Tensor, S: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """TimeMix for one token: x, prev (B, C), S (B, H, N, N) -> out (B, C), x, new S. With
     d = exp(-exp(w)): y = r (S + diag(u) k^T v) = r S + (r . u . k) v, S' = diag(d) S + k^T v."""
     B, C = x.shape
     H, N = att.n_head, att.head_size
     xx = prev.to(x.dtype) - x
-    m = torch.tanh((x + xx * att.time_maa_x[0]) @ att.time_maa_w1)  # (B, 5 Dm)
-    m = torch.bmm(m.view(B, 5, att.dim_maa).transpose(0, 1), att.time_maa_w2)  # (5, B, C)
-    mw, mk, mv, mr, mg = m.unbind(0)
+    m = torch.tanh(_step_matmul(x + xx * att.time_maa_x[0], att.time_maa_w1)).view(B, 5, att.dim_maa)
+    mw, mk, mv, mr, mg = (_step_matmul(m[:, i], att.time_maa_w2[i]) for i in range(5))  # 5 x (B, C)
     xw = x + xx * (att.time_maa_w[0] + mw)
     r = _step_linear(att.receptance, x + xx * (att.time_maa_r[0] + mr))  # (B, A)
     k = _step_linear(att.key, x + xx * (att.time_maa_k[0] + mk))
     v = _step_linear(att.value, x + xx * (att.time_maa_v[0] + mv))
     g = F.silu(_step_linear(att.gate, x + xx * (att.time_maa_g[0] + mg)))
     wdt = S.dtype  # float32 (float64 for a float64 model), as in forward
-    w = att.time_decay[0].to(wdt) + (torch.tanh(xw @ att.time_decay_w1) @ att.time_decay_w2).to(wdt)
+    w = att.time_decay[0].to(wdt) + _step_matmul(torch.tanh(_step_matmul(xw, att.time_decay_w1)),
+                                                 att.time_decay_w2).to(wdt)
     d = torch.exp(-torch.exp(w)).view(B, H, N, 1)
     r, k, v = (t.to(wdt).view(B, H, N) for t in (r, k, v))
     u = att.time_faaaa.to(wdt)  # (H, N)

@@ -154,3 +154,20 @@ def test_wkv_step_kernel_matches_float64_and_leaves_the_state_it_read(B, H, N, m
         assert float((got.double() - want).abs().max()) <= 1e-5 * max(1.0, float(want.abs().max()))
     # float64 (the reference model) and autograd stay on torch's ops
     assert torch.equal(gemv.wkv_step(*(t.double() for t in (S, r, k, v, d, u)))[1], want_S) and len(calls) == 1
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 20])
+@pytest.mark.parametrize("n_in,n_out", [(1, 16), (32, 160), (64, 2048 + 16), (160, 48)])
+def test_k_by_n_kernel_matches_float64_and_declines_what_it_cannot_take(rows, n_in, n_out):
+    g = torch.Generator().manual_seed(rows + n_out)
+    w, x = torch.randn(n_in, n_out, generator=g), torch.randn(rows, n_in, generator=g)
+    y = gemv.try_matmul(x, w)
+    ref = x.double() @ w.double()
+    assert y is not None and y.shape == (rows, n_out)
+    assert float((y.double() - ref).abs().max()) <= 1e-5 * max(1.0, float(ref.abs().max()))
+    assert torch.equal(gemv.try_matmul(x[:, :].t().contiguous().t(), w), y)  # a strided x is copied first
+    assert gemv.try_matmul(x, torch.randn(n_in, 24)) is None           # N not a multiple of 16
+    assert n_in == 1 or gemv.try_matmul(x, torch.randn(n_in, n_out + 16)[:, :n_out]) is None  # w strided
+    assert gemv.try_matmul(x.double(), w.double()) is None
+    assert gemv.try_matmul(x.requires_grad_(), w) is None

@@ -78,6 +78,8 @@ def _library() -> Optional[ctypes.CDLL]:
     lib.rb_gemv_f32_packed.restype = ctypes.c_int
     lib.rb_gemv_pack_f32_inplace.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 2 + [ctypes.c_int]
     lib.rb_gemv_pack_f32_inplace.restype = ctypes.c_int
+    lib.rb_gemv_f32_kn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.rb_gemv_f32_kn.restype = ctypes.c_int
     lib.rb_wkv_step_f32.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.rb_wkv_step_f32.restype = None
     lib.rb_gemv_set_rows.argtypes = [ctypes.c_int] * 3
@@ -148,6 +150,27 @@ def _run_packed(lib: ctypes.CDLL, x: Tensor, packed: Tensor, n_out: int, threads
     return y
 
 
+def _run_kn(lib: ctypes.CDLL, x: Tensor, w: Tensor, threads: int) -> Tensor:
+    B, K = x.shape
+    y = torch.empty(B, w.shape[1], dtype=torch.float32)
+    if lib.rb_gemv_f32_kn(w.data_ptr(), x.data_ptr(), y.data_ptr(), B, w.shape[1], K, threads) != 0:
+        raise RuntimeError(f"gemv refused (K, N) sizes B={B} K={K} N={w.shape[1]}")
+    return y
+
+
+def try_matmul(x: Tensor, w: Tensor) -> Optional[Tensor]:
+    """x (B, K) @ w (K, N) -> (B, N) float32 through the panel kernel, reading w's rows in place
+    (RWKV6.step's x @ time_maa_w1, @ time_maa_w2[i], @ time_decay_w1/w2: small weights torch's sgemm
+    reads at a few GB/s at few rows); None where it does not apply (kernel off or unavailable, not
+    float32 CPU 2-D tensors, w not contiguous, N not a multiple of 16, autograd recording)."""
+    if not (_enabled and x.dim() == 2 and w.dim() == 2 and x.dtype == torch.float32 and w.dtype == torch.float32
+            and x.device.type == "cpu" and w.device.type == "cpu" and x.shape[0] >= 1 and x.shape[1] == w.shape[0]
+            and w.shape[1] % 16 == 0 and w.shape[1] >= 16 and w.is_contiguous()
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) and available()):
+        return None
+    return _run_kn(_library(), x.contiguous(), w, torch.get_num_threads())
+
+
 def wkv_step_reference(S: Tensor, r: Tensor, k: Tensor, v: Tensor, d: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     """One WKV6 step in torch: S (B, H, N, N), r k v d (B, H, N), u (H, N) -> y (B, H, N), S'.
     y = r S + (r . u . k) v, S' = diag(d) S + k^T v (RWKV6.step's math)."""
@@ -213,6 +236,16 @@ def self_check_errors(lib: ctypes.CDLL) -> dict[str, float]:
             for got, ref in zip(_run_wkv_step(lib, S, r, k, v, d, u, threads), want):
                 worst = max(worst, float((got.double() - ref).abs().max()) / max(1.0, float(ref.abs().max())))
     errors["float32 wkv step"] = worst
+    worst = 0.0
+    for K, N in ((1, 16), (37, 80), (96, 160)):
+        w = torch.randn(K, N, generator=g)
+        for B in range(1, 20):
+            x = torch.randn(B, K, generator=g)
+            ref = x.double() @ w.double()
+            for threads in (1, 2):
+                y = _run_kn(lib, x, w, threads).double()
+                worst = max(worst, float((y - ref).abs().max()) / max(1.0, float(ref.abs().max())))
+    errors["float32 (K, N)"] = worst
     return errors
 
 

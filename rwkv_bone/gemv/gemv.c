@@ -118,16 +118,17 @@ static int gemv(int bf16, const void *W, const void *x, float *y, int64_t B, int
 #define PANEL_PREFETCH 1024
 
 #define PBLOCK(H, NB)                                                                                  \
-    static void panel_h##H##_b##NB(const float *P, const float *x, int64_t K, float *y, int64_t ldy) {\
+    static void panel_h##H##_b##NB(const float *P, int64_t ld, int64_t pf, const float *x, int64_t K,    \
+                                   float *y, int64_t ldy) {                                           \
         __m512 acc[H][NB];                                                                            \
         _Pragma("GCC unroll 8") for (int h = 0; h < H; h++)                                           \
             _Pragma("GCC unroll 8") for (int b = 0; b < NB; b++) acc[h][b] = _mm512_setzero_ps();     \
         for (int64_t k = 0; k < K; k++) {                                                             \
-            const float *p = P + k * (16 * H);                                                        \
+            const float *p = P + k * ld;                                                              \
             __m512 w[H];                                                                              \
             _Pragma("GCC unroll 8") for (int h = 0; h < H; h++) {                                     \
                 w[h] = _mm512_loadu_ps(p + 16 * h);                                                   \
-                _mm_prefetch((const char *)(p + 16 * h) + PANEL_PREFETCH, _MM_HINT_T0);              \
+                _mm_prefetch((const char *)(p + 16 * h + pf), _MM_HINT_T0);                           \
             }                                                                                         \
             _Pragma("GCC unroll 8") for (int b = 0; b < NB; b++) {                                    \
                 __m512 xb = _mm512_set1_ps(x[b * K + k]);                                             \
@@ -142,7 +143,7 @@ PBLOCKS(1)
 PBLOCKS(2)
 PBLOCKS(3)
 
-typedef void (*panel_fn)(const float *, const float *, int64_t, float *, int64_t);
+typedef void (*panel_fn)(const float *, int64_t, int64_t, const float *, int64_t, float *, int64_t);
 #define PROW(H) {0, panel_h##H##_b1, panel_h##H##_b2, panel_h##H##_b3, panel_h##H##_b4,                \
                  panel_h##H##_b5, panel_h##H##_b6, panel_h##H##_b7, panel_h##H##_b8}
 static const panel_fn PANELS[4][9] = {{0}, PROW(1), PROW(2), PROW(3)};
@@ -161,7 +162,27 @@ int rb_gemv_f32_packed(const float *P, const float *x, float *y, int64_t B, int6
             int64_t o = p * PANEL, h = (N - o < PANEL ? N - o : PANEL) / 16;
             for (int64_t b0 = 0; b0 < B; b0 += 8) {
                 int nb = (int)(B - b0 < 8 ? B - b0 : 8);
-                PANELS[h][nb](P + o * K, x + b0 * K, K, y + b0 * N + o, N);
+                PANELS[h][nb](P + o * K, 16 * h, PANEL_PREFETCH / 4, x + b0 * K, K, y + b0 * N + o, N);
+            }
+        }
+    }
+    return 0;
+}
+
+/* y (B, N) = x (B, K) W for W (K, N) row-major (RWKV's x @ time_maa_w1 and the like; N a multiple of
+   16): the same blocks, a "panel" being 48 columns of W, one row of 48 per k step at stride N. */
+int rb_gemv_f32_kn(const float *W, const float *x, float *y, int64_t B, int64_t N, int64_t K, int threads) {
+    if (B < 1 || N < 16 || N % 16 || K < 1) return -1;
+    const int64_t panels = (N + PANEL - 1) / PANEL;
+#pragma omp parallel num_threads(threads)
+    {
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        int64_t lo = panels * t / nt, hi = panels * (t + 1) / nt;
+        for (int64_t p = lo; p < hi; p++) {
+            int64_t o = p * PANEL, h = (N - o < PANEL ? N - o : PANEL) / 16;
+            for (int64_t b0 = 0; b0 < B; b0 += 8) {
+                int nb = (int)(B - b0 < 8 ? B - b0 : 8);
+                PANELS[h][nb](W + o, N, 8 * N, x + b0 * K, K, y + b0 * N + o, N);  /* prefetch 8 rows on */
             }
         }
     }
