@@ -115,7 +115,9 @@ static int gemv(int bf16, const void *W, const void *x, float *y, int64_t B, int
    scalar of each x row (an x cache line now serves 16 steps): 3.5 lines per 24 FMAs, and W streams
    as one sequential run per panel. y[b, 48p + j] = sum_k P_p[k, j] x[b, k], summed in k order. */
 #define PANEL 48
-#define PANEL_PREFETCH 1024
+/* Software prefetch distance along a panel, in bytes (~21 k steps ahead): B8 51-53 GB/s at 4096
+   against 35-42 at 1024 in the same runs, B1 alike (bench/results/bench_gemv.txt). */
+#define PANEL_PREFETCH 4096
 
 #define PBLOCK(H, NB)                                                                                  \
     static void panel_h##H##_b##NB(const float *P, int64_t ld, int64_t pf, const float *x, int64_t K,    \
