@@ -423,10 +423,10 @@ def _time_mix_step(att: TimeMix, x: Tensor, prev: Tensor, S: Tensor) -> tuple[Te
     wdt = S.dtype  # float32 (float64 for a float64 model), as in forward
     w = att.time_decay[0].to(wdt) + _step_matmul(torch.tanh(_step_matmul(xw, att.time_decay_w1)),
                                                  att.time_decay_w2).to(wdt)
-    d = torch.exp(-torch.exp(w)).view(B, H, N, 1)
+    d = torch.exp(-torch.exp(w)).view(B, H, N)
     r, k, v = (t.to(wdt).view(B, H, N) for t in (r, k, v))
     u = att.time_faaaa.to(wdt)  # (H, N)
-    y, S = gemv.wkv_step(S, r, k, v, d.view(B, H, N), u)  # y (B, H, N); the C kernel for float32 on CPU
+    y, S = gemv.wkv_step(S, r, k, v, d, u)  # y (B, H, N); the C kernel for float32 on CPU
     y = F.group_norm(y.reshape(B, H * N), H, att.ln_x.weight.to(wdt), att.ln_x.bias.to(wdt), LN_X_EPS)
     return _step_linear(att.output, y.to(x.dtype) * g), x, S
 

@@ -150,10 +150,12 @@ typedef void (*panel_fn)(const float *, int64_t, int64_t, const float *, int64_t
                  panel_h##H##_b5, panel_h##H##_b6, panel_h##H##_b7, panel_h##H##_b8}
 static const panel_fn PANELS[4][9] = {{0}, PROW(1), PROW(2), PROW(3)};
 
-/* y (B, N) = x (B, K) W^T with W packed (N a multiple of 16, any K >= 1, any B >= 1): each thread
-   takes a contiguous range of panels and runs every group of 8 rows of x on a panel before the
-   next, so W is read from memory once whatever B is. Returns 0, or -1 on bad sizes. */
-int rb_gemv_f32_packed(const float *P, const float *x, float *y, int64_t B, int64_t N, int64_t K, int threads) {
+/* y (B, N) from the panel blocks, for both layouts the blocks read: panel p starts at W + o * K
+   with rows of 16 h floats (packed), or at W + o with rows of N floats (W (K, N) row-major). Each
+   thread takes a contiguous range of panels and runs every group of 8 rows of x on a panel before
+   the next, so W is read from memory once whatever B is. Returns 0, or -1 on bad sizes. */
+static int panel_product(const float *W, int packed, const float *x, float *y, int64_t B, int64_t N, int64_t K,
+                         int threads) {
     if (B < 1 || N < 16 || N % 16 || K < 1) return -1;
     const int64_t panels = (N + PANEL - 1) / PANEL;
 #pragma omp parallel num_threads(threads)
@@ -162,33 +164,26 @@ int rb_gemv_f32_packed(const float *P, const float *x, float *y, int64_t B, int6
         int64_t lo = panels * t / nt, hi = panels * (t + 1) / nt;
         for (int64_t p = lo; p < hi; p++) {
             int64_t o = p * PANEL, h = (N - o < PANEL ? N - o : PANEL) / 16;
+            const float *base = packed ? W + o * K : W + o;
+            int64_t ld = packed ? 16 * h : N, pf = packed ? PANEL_PREFETCH / 4 : 8 * N;  /* (K, N): 8 rows on */
             for (int64_t b0 = 0; b0 < B; b0 += 8) {
                 int nb = (int)(B - b0 < 8 ? B - b0 : 8);
-                PANELS[h][nb](P + o * K, 16 * h, PANEL_PREFETCH / 4, x + b0 * K, K, y + b0 * N + o, N);
+                PANELS[h][nb](base, ld, pf, x + b0 * K, K, y + b0 * N + o, N);
             }
         }
     }
     return 0;
 }
 
+/* y (B, N) = x (B, K) W^T with W packed (N a multiple of 16, any K >= 1, any B >= 1). */
+int rb_gemv_f32_packed(const float *P, const float *x, float *y, int64_t B, int64_t N, int64_t K, int threads) {
+    return panel_product(P, 1, x, y, B, N, K, threads);
+}
+
 /* y (B, N) = x (B, K) W for W (K, N) row-major (RWKV's x @ time_maa_w1 and the like; N a multiple of
    16): the same blocks, a "panel" being 48 columns of W, one row of 48 per k step at stride N. */
 int rb_gemv_f32_kn(const float *W, const float *x, float *y, int64_t B, int64_t N, int64_t K, int threads) {
-    if (B < 1 || N < 16 || N % 16 || K < 1) return -1;
-    const int64_t panels = (N + PANEL - 1) / PANEL;
-#pragma omp parallel num_threads(threads)
-    {
-        int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        int64_t lo = panels * t / nt, hi = panels * (t + 1) / nt;
-        for (int64_t p = lo; p < hi; p++) {
-            int64_t o = p * PANEL, h = (N - o < PANEL ? N - o : PANEL) / 16;
-            for (int64_t b0 = 0; b0 < B; b0 += 8) {
-                int nb = (int)(B - b0 < 8 ? B - b0 : 8);
-                PANELS[h][nb](W + o, N, 8 * N, x + b0 * K, K, y + b0 * N + o, N);  /* prefetch 8 rows on */
-            }
-        }
-    }
-    return 0;
+    return panel_product(W, 0, x, y, B, N, K, threads);
 }
 
 /* W (N, K) float32 rearranged in place into that panel layout (N a multiple of 16). A panel's rows
