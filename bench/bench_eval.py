@@ -1,8 +1,8 @@
 """Greedy decoding tokens/s, side by side in one run on one model and dtype: the official `rwkv`
 package's one-token path, ours at batch 1 and ours at --batch rows (rwkv_bone.decode.greedy_batch,
 i.e. RWKV6.step), for each --dtype; where the CPU decode kernel (rwkv_bone/gemv) runs, ours again
-with torch's matmul in its place, and for fp32 (which load_model packs, rwkv_bone/gemv/packed.py)
-ours again with the row-major kernel.
+with torch's matmul in its place, and ours again with the row-major kernel beside the packed one
+load_model ships (rwkv_bone/gemv/packed.py).
 
     python bench/bench_eval.py [--n_layer 24 --n_embd 2048 --vocab 65536 --tokens 16 --batch 8
                                 --dtype fp32,bf16 --repeats 2 --dir /tmp]
@@ -119,8 +119,8 @@ def main() -> None:
             model.save_checkpoint(path)
             pkg = Package(path, name)
         ours(model, prompts[:1], 3, 1)  # warm-up (first-call allocations, the kernel's build)
-        # (key, rows, kernel on, packed): "one"/"many" are what load_model ships (fp32: packed)
-        packs = DTYPES[name] == torch.float32 and gemv.available()
+        # (key, rows, kernel on, packed): "one"/"many" are what load_model ships (packed)
+        packs = gemv.available()
         paths = [("pkg", 0, None, False), ("one", 1, True, packs), ("many", args.batch, True, packs)]
         if packs:  # the row-major kernel beside the packed one
             paths += [("one_rows", 1, True, False), ("many_rows", args.batch, True, False)]

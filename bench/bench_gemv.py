@@ -1,7 +1,7 @@
 """The few-row CPU decode kernel (rwkv_bone/gemv) against torch's matmul, side by side in one run:
 GB/s of weight read for y = x W^T over one model's worth of decode-step weight shapes, at each
-batch size, for fp32 and bf16 (fp32 twice: W row-major, and W packed in panels, the layout
-load_model gives a float32 decode model, rwkv_bone/gemv/packed.py); with --sweep, every block height R the kernel has for each batch
+batch size, for fp32 and bf16, each twice: W row-major, and W packed in panels, the layout
+load_model gives a decode model (rwkv_bone/gemv/packed.py); with --sweep, every block height R the kernel has for each batch
 (the table RB_ROWS in gemv.c was chosen from this). Beside each kernel figure: its GFLOP/s (2 B
 flops per weight read) and their share of the cores' own ceiling, measured first in the same run
 with bench/fma_peak.c (independent 512-bit FMA / vdpbf16ps chains on every thread, no memory):
@@ -91,7 +91,7 @@ def main() -> None:
                 k_gbs = best_gbs(kernel, nbytes, args.repeats)
                 gflops = k_gbs / dtype.itemsize * 2 * B
                 line += f"   kernel {k_gbs:5.1f}  ({k_gbs / torch_gbs:.2f}x; {gflops:4.0f} GFLOP/s, {gflops / peak:4.0%} of the ceiling)"
-            if kernel is not None and bf16 == 0:  # fp32 weights as load_model ships them: packed
+            if kernel is not None:  # the weights as load_model ships them: packed
                 packed = [(gemv.pack(w), w.shape[0]) for w in ws]
                 p_gbs = best_gbs(lambda: [gemv._run_packed(lib, xs[p.numel() // n], p, n, threads) for p, n in packed],
                                  nbytes, args.repeats)

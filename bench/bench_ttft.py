@@ -10,7 +10,9 @@ case in a fresh subprocess (inner seconds after `import torch`, best of --repeat
   floor   torch.load(mmap=True) + each tensor .to(dtype) (nothing for bf16) + an RWKV6 built on
           them (load_state_dict(assign=True)) + forward_with_state on the prompt: the floor
   ours    rwkv_bone.loading.load_model(path, dtype) + rwkv_bone.decode.feed(prompt): what
-          generate.py and eval.py do before their first token
+          generate.py and eval.py at --batch_size 1 do before their first token
+  packed  the same with load_model(..., pack=True), as eval.py loads for batches: for bf16 the
+          weights are packed into new memory (for fp32 it is "ours" again: packed either way)
 The checkpoint is deleted at the end.
 """
 from __future__ import annotations
@@ -26,6 +28,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+
+CASES = {"fp32": ("floor", "ours"), "bf16": ("floor", "ours", "packed")}
 
 
 def worker(case: str, path: str, dtype_name: str, prompt_len: int, vocab: int) -> None:
@@ -52,7 +57,7 @@ def worker(case: str, path: str, dtype_name: str, prompt_len: int, vocab: int) -
         from rwkv_bone.decode import feed
         from rwkv_bone.loading import load_model
 
-        model = load_model(path, dtype=dtype)
+        model = load_model(path, dtype=dtype, pack=True if case == "packed" else None)
         t1 = time.perf_counter()
         with torch.inference_mode():
             logits, _ = feed(model, prompt)
@@ -99,12 +104,12 @@ def main() -> None:
         for dtype in args.dtype.split(","):
             best: dict[str, dict] = {}
             for _ in range(args.repeats):
-                for case in ("floor", "ours"):
+                for case in CASES[dtype]:
                     r = measure(case, path, dtype, args.prompt, args.vocab)
                     print(json.dumps({"dtype": dtype, "case": case, **r}), flush=True)
                     if case not in best or r["inner_s"] < best[case]["inner_s"]:
                         best[case] = r
-            for case in ("floor", "ours"):
+            for case in CASES[dtype]:
                 r = best[case]
                 print(f"{dtype:5s} {case:6s} {r['inner_s']:7.2f} s ({r['inner_s'] / best['floor']['inner_s']:.2f}x "
                       f"floor; load {r['load_s']:.2f} s + prompt forward {r['forward_s']:.2f} s)", flush=True)

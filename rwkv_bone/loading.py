@@ -70,13 +70,20 @@ def fold_adapters(sd: dict, files: Sequence, describe: Callable[[str], str]) -> 
 
 def load_model(path: str, adapter: Optional[str | Sequence[str]] = None, *,
                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               lora_alpha: Optional[float] = None, pissa_init: Optional[str] = None, pack: bool = True) -> RWKV6:
+               lora_alpha: Optional[float] = None, pissa_init: Optional[str] = None,
+               pack: Optional[bool] = None) -> RWKV6:
     """An RWKV-6 model ready for inference, with `adapter` (one path or several, any format that
     rwkv_bone.peft.formats reads: e.g. a Bone/LoRA adapter and a state-tuning file) folded into its
     weights in order, so it runs exactly as fast as the base model (a learned initial state costs
     nothing per token either). The merge is computed in float32 from the wider of the checkpoint's
-    and the requested dtype (as merge.py does). A float32 CPU model has its linears packed for the
-    decode kernel (rwkv_bone.gemv.packed; same products, fewer bytes of traffic), unless pack=False."""
+    and the requested dtype (as merge.py does).
+
+    pack: a CPU model's linears packed for the decode kernel (rwkv_bone.gemv.packed; the same
+    products, fewer bytes of traffic: batch 8 decodes ~1.3x faster). None (the default) packs where
+    it is free, the weights being the process's own converted copies (fp32 from a bf16 file): in
+    place. True also packs weights that are still views of the mapped file (bf16 from a bf16 file),
+    into new memory (4.7 s and the model's size in memory at 1.6B on these VMs): for batched
+    decoding, which pays that back within its first ~150 batch-8 steps. False packs nothing."""
     dev = resolve_device(device)
     adapters = adapter_list(adapter)
     from .checkpoint import converted_checked, load_state_dict
@@ -84,24 +91,37 @@ def load_model(path: str, adapter: Optional[str | Sequence[str]] = None, *,
     if not adapters:
         # One pass over the weights: cast and NaN/inf check together (load_state_dict would check
         # the mapped file first, and the cast read it all again).
-        sd = converted_checked(load_state_dict(path, check_finite=False), dtype, dev, os.fspath(path))
-        return _ready(RWKV6.from_state_dict(sd, dtype=dtype, device=dev), pack)
+        raw = load_state_dict(path, check_finite=False)
+        mapped = _keeps_mapped(raw, dtype, dev)
+        sd = converted_checked(raw, dtype, dev, os.fspath(path))
+        del raw
+        return _ready(RWKV6.from_state_dict(sd, dtype=dtype, device=dev), pack, mapped)
 
     files = read_adapters(adapters, lora_alpha, pissa_init)
     base = load_state_dict(path)
+    mapped = _keeps_mapped(base, dtype, dev)
     # bf16 release + fp32 run: merge into fp32 weights, not into bf16 ones rounded again later.
     sd = {k: v.to(torch.promote_types(v.dtype, dtype)) for k, v in base.items()}
     sd = fold_adapters(sd, files, lambda bad: (
         f"folding {', '.join(map(str, adapters))} into {path} gives NaN or infinite values "
         f"in {bad} (adapter values too large, or a wrong --lora_alpha?); check the adapter"))
-    return _ready(RWKV6.from_state_dict(sd, dtype=dtype, device=dev), pack)
+    return _ready(RWKV6.from_state_dict(sd, dtype=dtype, device=dev), pack, mapped)
 
 
-def _ready(model: RWKV6, pack: bool) -> RWKV6:
+def _keeps_mapped(sd: dict, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the model built from the mapped state dict `sd` keeps its (2-D) weights as views of
+    the file: already in dtype on device, so nothing converts them into the process's memory."""
+    weights = [t for k, t in sd.items() if k.endswith(".weight") and t.dim() == 2]
+    return any(t.dtype == dtype and t.device == device for t in weights)
+
+
+def _ready(model: RWKV6, pack: Optional[bool], mapped: bool) -> RWKV6:
+    if pack is None:
+        pack = not mapped
     if pack:
         from .gemv.packed import pack_linears
 
-        pack_linears(model)
+        pack_linears(model, copy=mapped)
     return model.eval()
 
 

@@ -76,8 +76,9 @@ def check_options(o: EvalOptions) -> None:
 def load_for_eval(o: EvalOptions):
     from ..loading import load_model
 
+    # batched decoding pays for packing even the weights still mapped from the file (loading.py)
     return load_model(o.model, list(o.adapters), dtype=o.dtype, device=o.device,
-                      lora_alpha=o.lora_alpha, pissa_init=o.pissa_init)
+                      lora_alpha=o.lora_alpha, pissa_init=o.pissa_init, pack=True if o.batch_size > 1 else None)
 
 
 def _select(n_total: int, limit: Optional[int], seed: Optional[int]) -> Optional[list[int]]:

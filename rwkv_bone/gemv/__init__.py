@@ -18,9 +18,10 @@ CPU) `available()` is False and callers use torch's matmul. Before first use it 
 against a float64 product on ragged sizes (rows that do not divide its blocks, batches of 1..19)
 in both dtypes; any disagreement warns once and turns it off for the process.
 
-float32 weights can also be packed in panels of PANEL rows (`pack`, `pack_`; gemv.c explains the
-layout, rwkv_bone/gemv/packed.py holds the decode model's PackedLinear): at batch 8 the packed kernel
-reads W at ~41 GB/s where the row-major one reads ~26. The self-check covers it too, and the float32
+Weights can also be packed in panels of PANEL rows (`pack`, `pack_`; gemv.c explains the layout,
+rwkv_bone/gemv/packed.py holds the decode model's PackedLinear): at batch 8 the packed kernel reads
+W at ~41 GB/s where the row-major one reads ~26 (fp32), and bf16 alike. The self-check covers both
+dtypes of it too, and the float32
 WKV6 state update of RWKV6.step (`wkv_step`: S read once and S' written once, where torch's ops
 read S three times and write two N x N tensors per head).
 """
@@ -74,12 +75,14 @@ def _library() -> Optional[ctypes.CDLL]:
         fn = getattr(lib, name)
         fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
         fn.restype = ctypes.c_int
-    lib.rb_gemv_f32_packed.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    lib.rb_gemv_f32_packed.restype = ctypes.c_int
-    lib.rb_gemv_pack_f32_inplace.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 2 + [ctypes.c_int]
-    lib.rb_gemv_pack_f32_inplace.restype = ctypes.c_int
-    lib.rb_gemv_f32_kn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    lib.rb_gemv_f32_kn.restype = ctypes.c_int
+    for name in ("rb_gemv_f32_packed", "rb_gemv_bf16_packed", "rb_gemv_f32_kn"):
+        fn = getattr(lib, name)
+        fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+        fn.restype = ctypes.c_int
+    lib.rb_gemv_pack32.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+    lib.rb_gemv_pack32.restype = None
+    lib.rb_gemv_pack32_inplace.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 2 + [ctypes.c_int]
+    lib.rb_gemv_pack32_inplace.restype = ctypes.c_int
     lib.rb_wkv_step_f32.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.rb_wkv_step_f32.restype = None
     lib.rb_gemv_set_rows.argtypes = [ctypes.c_int] * 3
@@ -96,57 +99,82 @@ def _run(lib: ctypes.CDLL, x: Tensor, w: Tensor, threads: int) -> Tensor:
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
-PANEL = 48  # rows of W per panel of the packed layout (gemv.c PANEL): 3 vectors of 16 float32 outputs
+PANEL = 48  # rows of W per panel of the packed layout (gemv.c PANEL): 3 vectors of 16 outputs
+PACKED_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _words(w: Tensor, name: str) -> Tensor:
+    """W (N, K) as the (N, K / g) 32-bit words the layout transposes (gemv.c: a bf16 word is the
+    pair W[o, 2i], W[o, 2i + 1]); ValueError for what the packed kernel cannot take."""
+    N, K = w.shape
+    if w.dtype not in PACKED_DTYPES or N % 16 or (w.dtype == torch.bfloat16 and K % 2):
+        raise ValueError(f"{name}: needs a float32 or bfloat16 (N, K) weight with N a multiple of 16 (and K even "
+                         f"for bfloat16), got {tuple(w.shape)} {w.dtype}")
+    return w.view(torch.int32)
+
+
+def _pack_words(words: Tensor) -> Tensor:
+    """torch's transposition of (N, K) words into panels: flat (N * K,)."""
+    N, K = words.shape
+    out = torch.empty(N * K, dtype=words.dtype, device=words.device)
+    full = N // PANEL * PANEL
+    if full:
+        out[:full * K].view(full // PANEL, K, PANEL).copy_(words[:full].view(full // PANEL, PANEL, K).transpose(1, 2))
+    if full < N:
+        out[full * K:].view(K, N - full).copy_(words[full:].t())
+    return out
 
 
 def pack(w: Tensor) -> Tensor:
-    """W (N, K) float32, N a multiple of 16 -> W packed for rb_gemv_f32_packed: a flat (N * K,)
-    tensor of panels; panel p holds rows 48p .. 48p+h-1 (h = 48, or the rows left) as one (K, h)
-    row-major block (see gemv.c and rwkv_bone/gemv/packed.py)."""
-    N, K = w.shape
-    if N % 16 or w.dtype != torch.float32:
-        raise ValueError(f"pack: needs a float32 (N, K) weight with N a multiple of 16, got {tuple(w.shape)} {w.dtype}")
-    out = torch.empty(N * K, dtype=torch.float32, device=w.device)
-    full = N // PANEL * PANEL
-    if full:
-        out[:full * K].view(full // PANEL, K, PANEL).copy_(w[:full].view(full // PANEL, PANEL, K).transpose(1, 2))
-    if full < N:
-        out[full * K:].view(K, N - full).copy_(w[full:].t())
-    return out
+    """W (N, K) float32 or bfloat16, N a multiple of 16 -> W packed for the packed kernel: a flat
+    (N * K,) tensor of W's dtype holding panels; panel p holds rows 48p .. 48p+h-1 (h = 48, or the
+    rows left) as one (words, h) row-major block of 32-bit words, a word being one float32 or a pair
+    of bf16 along K (see gemv.c and rwkv_bone/gemv/packed.py). New memory; W is not changed."""
+    words = _words(w.contiguous(), "pack")
+    lib = _library() if w.device.type == "cpu" else None
+    if lib is None:
+        return _pack_words(words).view(w.dtype)
+    out = torch.empty(words.numel(), dtype=torch.int32)
+    lib.rb_gemv_pack32(words.data_ptr(), out.data_ptr(), *words.shape, torch.get_num_threads())
+    return out.view(w.dtype)
 
 
 def pack_(w: Tensor) -> Tensor:
     """`pack` in place: W's own storage rearranged into the panel layout (C, no second copy of W),
-    returned as a flat view of it. W must be contiguous and no longer be read as (N, K)."""
-    N, K = w.shape
-    if N % 16 or w.dtype != torch.float32 or not w.is_contiguous():
-        raise ValueError(f"pack_: needs a contiguous float32 (N, K) weight with N a multiple of 16, got "
-                         f"{tuple(w.shape)} {w.dtype}")
+    returned as a flat view of it. W must be contiguous and no longer be read as (N, K). (A weight
+    mapped from a checkpoint is a private mapping, checkpoint.py: its pages turn into the process's
+    own copies as they are written; the file is never changed.)"""
+    if not w.is_contiguous():
+        raise ValueError(f"pack_: needs a contiguous weight, got strides {w.stride()}")
+    words = _words(w, "pack_")
     lib = _library() if w.device.type == "cpu" else None
     if lib is None:
-        return w.view(-1).copy_(pack(w))
-    if lib.rb_gemv_pack_f32_inplace(w.data_ptr(), N, K, torch.get_num_threads()) != 0:
-        raise MemoryError(f"gemv.pack_: no scratch memory for a panel of {PANEL} x {K} floats")
+        return w.view(-1).copy_(_pack_words(words).view(w.dtype))
+    if lib.rb_gemv_pack32_inplace(words.data_ptr(), *words.shape, torch.get_num_threads()) != 0:
+        raise MemoryError(f"gemv.pack_: no scratch memory for a panel of {PANEL} x {words.shape[1]} words")
     return w.view(-1)
 
 
 def unpack(packed: Tensor, n_out: int, n_in: int) -> Tensor:
     """The (N, K) row-major weight back from `pack`'s output (a new tensor, the same bits)."""
-    N, K = n_out, n_in
-    w = torch.empty(N, K, dtype=packed.dtype, device=packed.device)
+    N = n_out
+    w = torch.empty(n_out, n_in, dtype=packed.dtype, device=packed.device)
+    words, flat = w.view(torch.int32), packed.view(torch.int32)
+    K = words.shape[1]
     full = N // PANEL * PANEL
     if full:
-        w[:full].view(full // PANEL, PANEL, K).copy_(packed[:full * K].view(full // PANEL, K, PANEL).transpose(1, 2))
+        words[:full].view(full // PANEL, PANEL, K).copy_(flat[:full * K].view(full // PANEL, K, PANEL).transpose(1, 2))
     if full < N:
-        w[full:].copy_(packed[full * K:].view(K, N - full).t())
+        words[full:].copy_(flat[full * K:].view(K, N - full).t())
     return w
 
 
 def _run_packed(lib: ctypes.CDLL, x: Tensor, packed: Tensor, n_out: int, threads: int) -> Tensor:
     B, K = x.shape
     y = torch.empty(B, n_out, dtype=torch.float32)
-    if lib.rb_gemv_f32_packed(packed.data_ptr(), x.data_ptr(), y.data_ptr(), B, n_out, K, threads) != 0:
-        raise RuntimeError(f"gemv refused packed sizes B={B} N={n_out} K={K}")
+    fn = lib.rb_gemv_bf16_packed if packed.dtype == torch.bfloat16 else lib.rb_gemv_f32_packed
+    if fn(packed.data_ptr(), x.data_ptr(), y.data_ptr(), B, n_out, K, threads) != 0:
+        raise RuntimeError(f"gemv refused packed sizes B={B} N={n_out} K={K} ({packed.dtype})")
     return y
 
 
@@ -216,17 +244,18 @@ def self_check_errors(lib: ctypes.CDLL) -> dict[str, float]:
                     y = _run(lib, x, w, threads).double()
                     worst = max(worst, float((y - ref).abs().max()) / max(1.0, float(ref.abs().max())))
         errors[str(dtype).removeprefix("torch.")] = worst
-    worst = 0.0
-    for N, K in ((16, 1), (48, 37), (112, 96), (80, 32)):  # one partial panel, two, a panel and a part
-        w = torch.randn(N, K, generator=g)
-        packed = pack(w)
-        for B in range(1, 20):
-            x = torch.randn(B, K, generator=g)
-            ref = x.double() @ w.double().t()
-            for threads in (1, 2):
-                y = _run_packed(lib, x, packed, N, threads).double()
-                worst = max(worst, float((y - ref).abs().max()) / max(1.0, float(ref.abs().max())))
-    errors["float32 packed"] = worst
+    for dtype in PACKED_DTYPES:
+        worst = 0.0
+        for N, K in ((16, 2), (48, 38), (112, 96), (80, 32)):  # one partial panel, two, a panel and a part
+            w = torch.randn(N, K - (dtype == torch.float32), generator=g).to(dtype)  # fp32: odd K too
+            packed = pack(w)
+            for B in range(1, 20):
+                x = torch.randn(B, w.shape[1], generator=g).to(dtype)
+                ref = x.double() @ w.double().t()
+                for threads in (1, 2):
+                    y = _run_packed(lib, x, packed, N, threads).double()
+                    worst = max(worst, float((y - ref).abs().max()) / max(1.0, float(ref.abs().max())))
+        errors[str(dtype).removeprefix("torch.") + " packed"] = worst
     worst = 0.0
     for B, H, N in ((1, 1, 4), (3, 2, 64), (2, 3, 24)):
         S, r, k, v = (torch.randn(*shape, generator=g) for shape in ((B, H, N, N), (B, H, N), (B, H, N), (B, H, N)))
@@ -291,8 +320,9 @@ def try_linear(x: Tensor, w: Tensor) -> Optional[Tensor]:
 def try_packed_linear(x: Tensor, packed: Tensor, n_out: int) -> Optional[Tensor]:
     """x (B, K) @ W^T -> (B, n_out) float32 for W packed by `pack`, through the packed kernel (any
     B: at B = 1024 it still runs 2.3x torch's sgemm here, near the FMA ceiling); None where it does
-    not apply (kernel off or unavailable, x not a float32 CPU (B, K) tensor, autograd recording x)."""
-    if not (_enabled and x.dim() == 2 and x.dtype == torch.float32 and x.device.type == "cpu"
+    not apply (kernel off or unavailable, x not a CPU (B, K) tensor of the packed weight's dtype,
+    autograd recording x)."""
+    if not (_enabled and x.dim() == 2 and x.dtype == packed.dtype and x.dtype in PACKED_DTYPES and x.device.type == "cpu"
             and x.shape[0] >= 1 and x.shape[1] * n_out == packed.numel()
             and not (torch.is_grad_enabled() and x.requires_grad) and available()):
         return None

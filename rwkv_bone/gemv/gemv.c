@@ -9,6 +9,8 @@
    same soname, so the same runtime and thread pool); batches of more than 8 rows reuse the R rows
    of W from cache. Built by rwkv_bone/gemv/__init__.py with -O3 -march=native -fopenmp. */
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 #include <omp.h>
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
@@ -107,68 +109,100 @@ static int gemv(int bf16, const void *W, const void *x, float *y, int64_t B, int
     return 0;
 }
 
-/* ---- float32 W packed in panels (rwkv_bone/gemv/packed.py) -------------------------------------
+/* ---- W packed in panels (rwkv_bone/gemv/packed.py) ----------------------------------------------
    At B = 8 the row-major kernels above load 8 vectors of x per 3 vectors of W (11 cache lines per 24
    FMAs), and that traffic, not the FMAs, caps them at ~27 GB/s. Packed, W's rows come in panels of
-   PANEL = 48: panel p holds rows 48p .. 48p+h-1 (h = 48, or what is left, a multiple of 16) as a
-   (K, h) row-major block, so one k step reads h contiguous outputs' weights and broadcasts one
-   scalar of each x row (an x cache line now serves 16 steps): 3.5 lines per 24 FMAs, and W streams
-   as one sequential run per panel. y[b, 48p + j] = sum_k P_p[k, j] x[b, k], summed in k order. */
+   PANEL = 48: panel p holds rows 48p .. 48p+h-1 (h = 48, or what is left, a multiple of 16). The
+   layout is one transposition of 32-bit words: W (N, K) float32 is N x K words; W bfloat16 is N x K/2
+   words, a word being the pair (W[o, 2i], W[o, 2i + 1]), the operand order of vdpbf16ps. Panel p is
+   its (h, words) block stored transposed, (words, h) row-major. So one step reads h contiguous
+   outputs' weights (float32: 16 per vector; bf16: 16 outputs x 2 k per vector) and broadcasts one
+   word of each x row (one x, or a pair of x), and an x cache line serves 16 steps: 3.5 lines per 24
+   FMAs, and W streams as one sequential run per panel. y[b, 48p + j] = sum_k W[48p + j, k] x[b, k],
+   summed in k order (bf16: in pairs, each pair's products summed exactly, as vdpbf16ps does). */
 #define PANEL 48
 /* Software prefetch distance along a panel, in bytes (~21 k steps ahead): B8 51-53 GB/s at 4096
    against 35-42 at 1024 in the same runs, B1 alike (bench/results/bench_gemv.txt). */
+#ifndef PANEL_PREFETCH
 #define PANEL_PREFETCH 4096
+#endif
 
-#define PBLOCK(H, NB)                                                                                  \
-    static void panel_h##H##_b##NB(const float *P, int64_t ld, int64_t pf, const float *x, int64_t K,    \
-                                   float *y, int64_t ldy) {                                           \
+/* One panel of H vectors (16 H outputs) against NB rows of x (stride K elements); one step of the
+   loop is one word: KS = 1 float32 element or 2 bf16 ones. */
+#define f32_ELEM float
+#define f32_VEC __m512
+#define f32_KS 1
+#define f32_VLEN 16
+#define f32_LOADW(p) _mm512_loadu_ps(p)
+#define f32_BCAST(p) _mm512_set1_ps(*(p))
+#define f32_FMA(a, w, x) _mm512_fmadd_ps((w), (x), (a))
+#define bf16_ELEM uint16_t
+#define bf16_VEC __m512i
+#define bf16_KS 2
+#define bf16_VLEN 32
+#define bf16_LOADW(p) _mm512_loadu_si512((const void *)(p))
+#define bf16_BCAST(p) _mm512_castps_si512(_mm512_set1_ps(load_word(p)))
+#define bf16_FMA(a, w, x) _mm512_dpbf16_ps((a), (__m512bh)(w), (__m512bh)(x))
+static inline float load_word(const uint16_t *p) { float v; memcpy(&v, p, sizeof v); return v; }
+
+#define PBLOCK(T, H, NB)                                                                               \
+    static void panel_##T##_h##H##_b##NB(const void *Pv, int64_t ld, int64_t pf, const void *xv, int64_t K, \
+                                         float *y, int64_t ldy) {                                     \
+        const T##_ELEM *P = (const T##_ELEM *)Pv, *x = (const T##_ELEM *)xv;                          \
         __m512 acc[H][NB];                                                                            \
         _Pragma("GCC unroll 8") for (int h = 0; h < H; h++)                                           \
             _Pragma("GCC unroll 8") for (int b = 0; b < NB; b++) acc[h][b] = _mm512_setzero_ps();     \
-        for (int64_t k = 0; k < K; k++) {                                                             \
-            const float *p = P + k * ld;                                                              \
-            __m512 w[H];                                                                              \
+        for (int64_t k = 0; k < K; k += T##_KS) {                                                     \
+            const T##_ELEM *p = P + (k / T##_KS) * ld;                                                \
+            T##_VEC w[H];                                                                             \
             _Pragma("GCC unroll 8") for (int h = 0; h < H; h++) {                                     \
-                w[h] = _mm512_loadu_ps(p + 16 * h);                                                   \
-                _mm_prefetch((const char *)(p + 16 * h + pf), _MM_HINT_T0);                           \
+                w[h] = T##_LOADW(p + T##_VLEN * h);                                                   \
+                _mm_prefetch((const char *)(p + T##_VLEN * h + pf), _MM_HINT_T0);                     \
             }                                                                                         \
             _Pragma("GCC unroll 8") for (int b = 0; b < NB; b++) {                                    \
-                __m512 xb = _mm512_set1_ps(x[b * K + k]);                                             \
-                _Pragma("GCC unroll 8") for (int h = 0; h < H; h++) acc[h][b] = _mm512_fmadd_ps(w[h], xb, acc[h][b]); \
+                T##_VEC xb = T##_BCAST(x + b * K + k);                                                \
+                _Pragma("GCC unroll 8") for (int h = 0; h < H; h++) acc[h][b] = T##_FMA(acc[h][b], w[h], xb); \
             }                                                                                         \
         }                                                                                             \
         for (int b = 0; b < NB; b++)                                                                  \
             for (int h = 0; h < H; h++) _mm512_storeu_ps(y + b * ldy + 16 * h, acc[h][b]);            \
     }
-#define PBLOCKS(H) PBLOCK(H, 1) PBLOCK(H, 2) PBLOCK(H, 3) PBLOCK(H, 4) PBLOCK(H, 5) PBLOCK(H, 6) PBLOCK(H, 7) PBLOCK(H, 8)
-PBLOCKS(1)
-PBLOCKS(2)
-PBLOCKS(3)
+#define PBLOCKS(T, H) PBLOCK(T, H, 1) PBLOCK(T, H, 2) PBLOCK(T, H, 3) PBLOCK(T, H, 4) PBLOCK(T, H, 5) \
+                      PBLOCK(T, H, 6) PBLOCK(T, H, 7) PBLOCK(T, H, 8)
+PBLOCKS(f32, 1)
+PBLOCKS(f32, 2)
+PBLOCKS(f32, 3)
+PBLOCKS(bf16, 1)
+PBLOCKS(bf16, 2)
+PBLOCKS(bf16, 3)
 
-typedef void (*panel_fn)(const float *, int64_t, int64_t, const float *, int64_t, float *, int64_t);
-#define PROW(H) {0, panel_h##H##_b1, panel_h##H##_b2, panel_h##H##_b3, panel_h##H##_b4,                \
-                 panel_h##H##_b5, panel_h##H##_b6, panel_h##H##_b7, panel_h##H##_b8}
-static const panel_fn PANELS[4][9] = {{0}, PROW(1), PROW(2), PROW(3)};
+typedef void (*panel_fn)(const void *, int64_t, int64_t, const void *, int64_t, float *, int64_t);
+#define PROW(T, H) {0, panel_##T##_h##H##_b1, panel_##T##_h##H##_b2, panel_##T##_h##H##_b3, panel_##T##_h##H##_b4, \
+                    panel_##T##_h##H##_b5, panel_##T##_h##H##_b6, panel_##T##_h##H##_b7, panel_##T##_h##H##_b8}
+static const panel_fn PANELS[2][4][9] = {{{0}, PROW(f32, 1), PROW(f32, 2), PROW(f32, 3)},
+                                         {{0}, PROW(bf16, 1), PROW(bf16, 2), PROW(bf16, 3)}};
 
-/* y (B, N) from the panel blocks, for both layouts the blocks read: panel p starts at W + o * K
-   with rows of 16 h floats (packed), or at W + o with rows of N floats (W (K, N) row-major). Each
-   thread takes a contiguous range of panels and runs every group of 8 rows of x on a panel before
-   the next, so W is read from memory once whatever B is. Returns 0, or -1 on bad sizes. */
-static int panel_product(const float *W, int packed, const float *x, float *y, int64_t B, int64_t N, int64_t K,
-                         int threads) {
-    if (B < 1 || N < 16 || N % 16 || K < 1) return -1;
-    const int64_t panels = (N + PANEL - 1) / PANEL;
+/* y (B, N) from the panel blocks, for the layouts they read: panel p starts at word o * words(K)
+   with rows of 16 h words (packed), or at W + o with rows of N floats (float32 W (K, N) row-major).
+   Each thread takes a contiguous range of panels and runs every group of 8 rows of x on a panel
+   before the next, so W is read from memory once whatever B is. Returns 0, or -1 on bad sizes. */
+static int panel_product(int bf16, const void *W, int packed, const void *x, float *y, int64_t B, int64_t N,
+                         int64_t K, int threads) {
+    if (B < 1 || N < 16 || N % 16 || K < 1 || (bf16 && (K % 2 || !packed))) return -1;
+    const int64_t panels = (N + PANEL - 1) / PANEL, esize = bf16 ? 2 : 4;
 #pragma omp parallel num_threads(threads)
     {
         int t = omp_get_thread_num(), nt = omp_get_num_threads();
         int64_t lo = panels * t / nt, hi = panels * (t + 1) / nt;
         for (int64_t p = lo; p < hi; p++) {
             int64_t o = p * PANEL, h = (N - o < PANEL ? N - o : PANEL) / 16;
-            const float *base = packed ? W + o * K : W + o;
-            int64_t ld = packed ? 16 * h : N, pf = packed ? PANEL_PREFETCH / 4 : 8 * N;  /* (K, N): 8 rows on */
+            const char *base = (const char *)W + (packed ? o * K : o) * esize;
+            /* ld: elements from one step's row of the panel to the next; pf: the prefetch distance
+               in elements ((K, N): 8 rows on) */
+            int64_t ld = packed ? 16 * h * (bf16 ? 2 : 1) : N, pf = packed ? PANEL_PREFETCH / esize : 8 * N;
             for (int64_t b0 = 0; b0 < B; b0 += 8) {
                 int nb = (int)(B - b0 < 8 ? B - b0 : 8);
-                PANELS[h][nb](base, ld, pf, x + b0 * K, K, y + b0 * N + o, N);
+                PANELS[bf16][h][nb](base, ld, pf, (const char *)x + b0 * K * esize, K, y + b0 * N + o, N);
             }
         }
     }
@@ -177,39 +211,56 @@ static int panel_product(const float *W, int packed, const float *x, float *y, i
 
 /* y (B, N) = x (B, K) W^T with W packed (N a multiple of 16, any K >= 1, any B >= 1). */
 int rb_gemv_f32_packed(const float *P, const float *x, float *y, int64_t B, int64_t N, int64_t K, int threads) {
-    return panel_product(P, 1, x, y, B, N, K, threads);
+    return panel_product(0, P, 1, x, y, B, N, K, threads);
+}
+
+/* The same for bfloat16 W packed as pairs and x bfloat16 (K even). */
+int rb_gemv_bf16_packed(const uint16_t *P, const uint16_t *x, float *y, int64_t B, int64_t N, int64_t K,
+                        int threads) {
+    return panel_product(1, P, 1, x, y, B, N, K, threads);
 }
 
 /* y (B, N) = x (B, K) W for W (K, N) row-major (RWKV's x @ time_maa_w1 and the like; N a multiple of
    16): the same blocks, a "panel" being 48 columns of W, one row of 48 per k step at stride N. */
 int rb_gemv_f32_kn(const float *W, const float *x, float *y, int64_t B, int64_t N, int64_t K, int threads) {
-    return panel_product(W, 0, x, y, B, N, K, threads);
+    return panel_product(0, W, 0, x, y, B, N, K, threads);
 }
 
-/* W (N, K) float32 rearranged in place into that panel layout (N a multiple of 16). A panel's rows
-   are one contiguous run of W and its packed block is the same run, so each thread copies a panel
-   to its own scratch (h x K floats, in L2) and writes it back transposed, in tiles of 16 k steps:
-   no second copy of W, no fresh pages. Threads take panels. Returns 0, or -1 if scratch fails. */
-#include <stdlib.h>
-#include <string.h>
-int rb_gemv_pack_f32_inplace(float *W, int64_t N, int64_t K, int threads) {
+/* The packing: W as N x K 32-bit words (see above), N a multiple of 16. A panel's rows are one
+   contiguous run of W and its packed block is the same run, transposed in tiles of 16 words. */
+static void transpose_panel(const uint32_t *src, uint32_t *dst, int64_t h, int64_t K) {
+    for (int64_t k0 = 0; k0 < K; k0 += 16) {
+        const int64_t kn = K - k0 < 16 ? K - k0 : 16;
+        for (int64_t j = 0; j < h; j++)
+            for (int64_t k = 0; k < kn; k++) dst[(k0 + k) * h + j] = src[j * K + k0 + k];
+    }
+}
+
+/* Into new memory: dst (N * K words) from src. Threads take panels. */
+void rb_gemv_pack32(const uint32_t *src, uint32_t *dst, int64_t N, int64_t K, int threads) {
+    const int64_t panels = (N + PANEL - 1) / PANEL;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t p = 0; p < panels; p++) {
+        const int64_t o = p * PANEL, h = N - o < PANEL ? N - o : PANEL;
+        transpose_panel(src + o * K, dst + o * K, h, K);
+    }
+}
+
+/* In place: each thread copies a panel to its own scratch (h x K words, in L2) and writes it back
+   transposed: no second copy of W, no fresh pages. Returns 0, or -1 if scratch fails. */
+int rb_gemv_pack32_inplace(uint32_t *W, int64_t N, int64_t K, int threads) {
     const int64_t panels = (N + PANEL - 1) / PANEL;
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
-        float *scratch = malloc((size_t)(PANEL * K) * sizeof(float));
+        uint32_t *scratch = malloc((size_t)(PANEL * K) * sizeof(uint32_t));
         if (!scratch) failed = 1;
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < panels; p++) {
             if (!scratch) continue;
             const int64_t o = p * PANEL, h = N - o < PANEL ? N - o : PANEL;
-            float *run = W + o * K;
-            memcpy(scratch, run, (size_t)(h * K) * sizeof(float));
-            for (int64_t k0 = 0; k0 < K; k0 += 16) {
-                const int64_t kn = K - k0 < 16 ? K - k0 : 16;
-                for (int64_t j = 0; j < h; j++)
-                    for (int64_t k = 0; k < kn; k++) run[(k0 + k) * h + j] = scratch[j * K + k0 + k];
-            }
+            memcpy(scratch, W + o * K, (size_t)(h * K) * sizeof(uint32_t));
+            transpose_panel(scratch, W + o * K, h, K);
         }
         free(scratch);
     }
