@@ -211,9 +211,9 @@ def test_the_kernels_are_on_where_the_cpu_can_run_them():
     assert gemv.available()
 
 
-def test_eval_packs_for_batched_decoding_and_generate_only_what_is_free(monkeypatch, tmp_path):
-    # eval at --batch_size > 1 asks for every weight packed (bf16 mapped ones too: a copy that its
-    # batch-8 steps pay back); at 1 it takes load_model's default, which packs only what is free
+def test_eval_packs_every_weight_at_every_batch_size(monkeypatch):
+    # eval asks for every weight packed (bf16 mapped ones too: a copy its steps pay back), at batch 1
+    # as well, so that a completion sums in the same order whatever --batch_size is
     import rwkv_bone.loading as loading
     from rwkv_bone.eval.evaluate import EvalOptions, load_for_eval
 
@@ -221,4 +221,19 @@ def test_eval_packs_for_batched_decoding_and_generate_only_what_is_free(monkeypa
     monkeypatch.setattr(loading, "load_model", lambda *a, **k: seen.append(k.get("pack")))
     for batch in (8, 1):
         load_for_eval(EvalOptions(model="m.pth", data="d.jsonl", task="gsm8k", batch_size=batch))
-    assert seen == [True, None]
+    assert seen == [True, True]
+
+
+@needs_kernel
+def test_a_packed_bf16_row_decodes_the_same_alone_or_in_a_batch(tmp_path):
+    from conftest import random_model
+
+    from rwkv_bone.decode import greedy_batch
+    from rwkv_bone.loading import load_model
+
+    path = str(tmp_path / "m.pth")
+    random_model(seed=4, vocab_size=304).bfloat16().save_checkpoint(path)
+    model = load_model(path, dtype=torch.bfloat16, pack=True)
+    prompts = [[5, 9, 2], [3], [8, 1, 1, 4, 6], [7, 7], [2, 4], [9], [1, 2, 3, 4], [6, 5], [3, 3]]
+    batched = greedy_batch(model, prompts, 12, batch_size=8)
+    assert batched == [greedy_batch(model, [p], 12, batch_size=1)[0] for p in prompts]

@@ -76,9 +76,11 @@ def check_options(o: EvalOptions) -> None:
 def load_for_eval(o: EvalOptions):
     from ..loading import load_model
 
-    # batched decoding pays for packing even the weights still mapped from the file (loading.py)
+    # Every weight packed, the ones still mapped from the file too (a copy, loading.py): an eval's
+    # thousands of steps pay that back, and every --batch_size then sums in the same order, so a
+    # completion is the same at any batch size.
     return load_model(o.model, list(o.adapters), dtype=o.dtype, device=o.device,
-                      lora_alpha=o.lora_alpha, pissa_init=o.pissa_init, pack=True if o.batch_size > 1 else None)
+                      lora_alpha=o.lora_alpha, pissa_init=o.pissa_init, pack=True)
 
 
 def _select(n_total: int, limit: Optional[int], seed: Optional[int]) -> Optional[list[int]]:
