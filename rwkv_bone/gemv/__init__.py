@@ -103,11 +103,17 @@ PANEL = 48  # rows of W per panel of the packed layout (gemv.c PANEL): 3 vectors
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
 
 
+def can_pack(dtype: torch.dtype, n_out: int, n_in: int) -> bool:
+    """Whether an (n_out, n_in) weight of dtype fits the packed layout: float32 or bfloat16, n_out a
+    multiple of 16 (whole vectors of outputs), and for bfloat16 n_in even (x is read in pairs)."""
+    return dtype in PACKED_DTYPES and n_out % 16 == 0 and n_in >= 1 and (dtype == torch.float32 or n_in % 2 == 0)
+
+
 def _words(w: Tensor, name: str) -> Tensor:
     """W (N, K) as the (N, K / g) 32-bit words the layout transposes (gemv.c: a bf16 word is the
     pair W[o, 2i], W[o, 2i + 1]); ValueError for what the packed kernel cannot take."""
     N, K = w.shape
-    if w.dtype not in PACKED_DTYPES or N % 16 or (w.dtype == torch.bfloat16 and K % 2):
+    if not can_pack(w.dtype, N, K):
         raise ValueError(f"{name}: needs a float32 or bfloat16 (N, K) weight with N a multiple of 16 (and K even "
                          f"for bfloat16), got {tuple(w.shape)} {w.dtype}")
     return w.view(torch.int32)
@@ -157,10 +163,9 @@ def pack_(w: Tensor) -> Tensor:
 
 def unpack(packed: Tensor, n_out: int, n_in: int) -> Tensor:
     """The (N, K) row-major weight back from `pack`'s output (a new tensor, the same bits)."""
-    N = n_out
     w = torch.empty(n_out, n_in, dtype=packed.dtype, device=packed.device)
     words, flat = w.view(torch.int32), packed.view(torch.int32)
-    K = words.shape[1]
+    N, K = words.shape
     full = N // PANEL * PANEL
     if full:
         words[:full].view(full // PANEL, PANEL, K).copy_(flat[:full * K].view(full // PANEL, K, PANEL).transpose(1, 2))

@@ -123,9 +123,7 @@ static int gemv(int bf16, const void *W, const void *x, float *y, int64_t B, int
 #define PANEL 48
 /* Software prefetch distance along a panel, in bytes (~21 k steps ahead): B8 51-53 GB/s at 4096
    against 35-42 at 1024 in the same runs, B1 alike (bench/results/bench_gemv.txt). */
-#ifndef PANEL_PREFETCH
 #define PANEL_PREFETCH 4096
-#endif
 
 /* One panel of H vectors (16 H outputs) against NB rows of x (stride K elements); one step of the
    loop is one word: KS = 1 float32 element or 2 bf16 ones. */

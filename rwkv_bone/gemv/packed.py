@@ -9,7 +9,7 @@ neighbouring outputs' weights in one run and multiplies them by one word of each
 Why: at batch 8 the row-major kernel (gemv.c) loads 8 vectors of x for every 3 of W and reads W at
 ~27 GB/s; packed, an x cache line serves 16 k steps and the same 2 cores read W at ~41 GB/s
 (bench/bench_gemv.py, bench/results/bench_gemv.txt), while batch 1 stays at ~46 GB/s. Decoding
-(generate.py, eval.py through rwkv_bone.loading.load_model) packs its model once at load. A weight
+(generate.py, eval.py through rwkv_bone.loading.load_model and its `pack`) packs once at load. A weight
 that is already the process's own memory (fp32 converted from a bf16 checkpoint) is packed in its
 own storage (no copy, ~1 s at 1.6B). A weight that is still a view of the mapped checkpoint (bf16 run
 from a bf16 file) is packed into new memory (copy=True): that costs what first touching that much
@@ -29,16 +29,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import PACKED_DTYPES, PANEL, available, pack, pack_, try_packed_linear, unpack
+from . import PANEL, available, can_pack, pack, pack_, try_packed_linear, unpack
 
 
 def packable(lin: nn.Module) -> bool:
     """A plain bias-free float32 or bfloat16 CPU nn.Linear whose output size is a multiple of 16
     (and, for bfloat16, whose input size is even: the kernel reads x in pairs)."""
     return (type(lin) is nn.Linear and lin.bias is None and lin.weight is not None
-            and lin.weight.dtype in PACKED_DTYPES and lin.weight.device.type == "cpu"
-            and lin.out_features % 16 == 0 and lin.in_features >= 1
-            and (lin.weight.dtype == torch.float32 or lin.in_features % 2 == 0))
+            and lin.weight.device.type == "cpu" and can_pack(lin.weight.dtype, lin.out_features, lin.in_features))
 
 
 class PackedLinear(nn.Module):
